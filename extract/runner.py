@@ -1,0 +1,468 @@
+"""Stage one: run a model once over a dataset and write a resumable store.
+
+``extract(model, data, path, ...)`` captures the chosen layers with
+``SimilarityModel``, streams their outputs through a ``ChunkWriter`` into a
+``ZarrStore`` and records, after every durable chunk, how many samples are
+done. Rerunning the same call after a crash resumes from the last durable
+chunk; rerunning a finished extraction only re-reads the data to check its
+fingerprint and does no inference; a second process on the same store is
+refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from .hooks import LayerSelectionError, SimilarityModel
+from .store import INPUTS_ARRAY, LAYERS_GROUP, StoreError, StoreInfo, ZarrStore
+
+__all__ = ["ExtractResult", "as_loader", "extract", "weights_digest"]
+
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+STORAGE_DTYPES = ("float32", "float16")
+
+
+@dataclass
+class ExtractResult:
+    """What ``extract`` did."""
+
+    path: Path
+    n_samples: int
+    layers: list[str]
+    cached: bool  # True when a finished store was reused without inference
+    resumed_from: int  # first sample computed in this run
+    seconds: float
+    bytes_written: int
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``model.state_dict()``."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    import numcodecs
+    import zarr
+
+    from . import __version__
+
+    return {
+        "simtorch": __version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def as_loader(data: Any, batch_size: int) -> tuple[DataLoader, int]:
+    """A DataLoader that yields the dataset in order, and the number of samples.
+
+    ``data`` may be a tensor or NumPy array of shape (n_samples, ...), a
+    map-style ``Dataset`` with ``__len__``, or a ``DataLoader`` without
+    shuffling.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        if data.ndim < 1 or len(data) == 0:
+            raise ValueError(
+                f"Expected data of shape (n_samples, ...) with n_samples > 0, got shape {tuple(data.shape)}."
+            )
+        data = TensorDataset(data)
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise ValueError(
+                "The DataLoader shuffles its data; stores must hold samples in dataset order so that "
+                "stores of different models can be compared. Pass shuffle=False."
+            )
+        loader = data
+        n = len(data.dataset)  # type: ignore[arg-type]
+    elif isinstance(data, Dataset):
+        if not hasattr(data, "__len__"):
+            raise ValueError("The dataset has no __len__; simtorch needs the sample count up front.")
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        n = len(data)  # type: ignore[arg-type]
+    else:
+        raise TypeError(
+            f"Expected a tensor, NumPy array, Dataset or DataLoader, got {type(data).__name__}."
+        )
+    if n == 0:
+        raise ValueError("The dataset is empty; there is nothing to extract.")
+    return loader, n
+
+
+def _model_input(batch: Any) -> Any:
+    """The model's input from one batch: the batch, its first element, or a dict of tensors."""
+    if isinstance(batch, torch.Tensor) or isinstance(batch, Mapping):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    raise ValueError(f"Cannot find the model input in a batch of type {type(batch).__name__}.")
+
+
+def _batch_len(inputs: Any) -> int:
+    if isinstance(inputs, Mapping):
+        return len(next(iter(inputs.values())))
+    return len(inputs)
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def _confounder_rows(inputs: Any) -> np.ndarray:
+    """Inputs flattened per sample, the bytes that are fingerprinted and stored."""
+    if isinstance(inputs, Mapping):
+        tensor = inputs.get("input_ids", next(iter(inputs.values())))
+    else:
+        tensor = inputs
+    array = tensor.detach().cpu().numpy()
+    return np.ascontiguousarray(array.reshape(len(array), -1))
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the store; a second process is refused, a killed one releases it."""
+    lock_path = path.parent / f".{path.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"Another process is extracting into {path}; wait for it to finish, or choose another --out."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _request(sim: SimilarityModel, dtype: str, store_inputs: bool, model_spec: str, weights: str) -> dict:
+    return {
+        "model_spec": model_spec,
+        "weights_digest": weights,
+        "layer_patterns": [p if isinstance(p, str) else f"type:{p.__name__}" for p in sim.layers_to_include],
+        "output_selector": repr(sim.output_selector),
+        "dtype": dtype,
+        "inputs_stored": store_inputs,
+    }
+
+
+def _existing_request(info: StoreInfo) -> dict:
+    return {
+        "model_spec": info.model_spec,
+        "weights_digest": info.weights_digest,
+        "layer_patterns": info.request.get("layer_patterns"),
+        "output_selector": info.request.get("output_selector"),
+        "dtype": info.dtype,
+        "inputs_stored": info.inputs_stored,
+    }
+
+
+class _Fingerprint:
+    """Running SHA-256 of the inputs in order, plus one digest per store chunk."""
+
+    def __init__(self, chunk_samples: int) -> None:
+        self.chunk_samples = chunk_samples
+        self.total = hashlib.sha256()
+        self.chunk = hashlib.sha256()
+        self.rows = 0
+        self.chunk_digests: list[str] = []
+
+    def update(self, rows: np.ndarray) -> None:
+        offset = 0
+        while offset < len(rows):
+            take = min(len(rows) - offset, self.chunk_samples - self.rows % self.chunk_samples)
+            part = np.ascontiguousarray(rows[offset : offset + take])
+            if self.rows == 0:
+                header = f"{part.dtype.str}:{part.shape[1:]};".encode()
+                self.total.update(header)
+            self.total.update(part.tobytes())
+            self.chunk.update(part.tobytes())
+            self.rows += take
+            offset += take
+            if self.rows % self.chunk_samples == 0:
+                self._close_chunk()
+
+    def _close_chunk(self) -> None:
+        self.chunk_digests.append(self.chunk.hexdigest())
+        self.chunk = hashlib.sha256()
+
+    def finish(self) -> str:
+        if self.rows % self.chunk_samples:
+            self._close_chunk()
+        return f"sha256:{self.total.hexdigest()}:n={self.rows}"
+
+
+def _chunk_samples(bytes_per_sample: int, n: int, chunk_bytes: int) -> int:
+    return int(min(n, max(1, chunk_bytes // max(1, bytes_per_sample))))
+
+
+def extract(
+    model: nn.Module | SimilarityModel,
+    data: Any,
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    layers: Sequence[str | type[nn.Module]] | None = None,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    force: bool = False,
+    store_inputs: bool = True,
+    output_selector: Any = None,
+    model_spec: str = "",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> ExtractResult:
+    """Run ``model`` once over ``data`` and write the chosen layers to the store at ``path``.
+
+    Parameters
+    ----------
+    model : nn.Module or SimilarityModel
+        The network, or an already wrapped one (then ``layers`` is ignored).
+    data : Tensor, ndarray, Dataset or DataLoader
+        Samples in a fixed order; batches may be tensors, ``(inputs, target)``
+        tuples, or dicts of tensors (passed as keyword arguments).
+    path : path-like
+        The store (a directory ending in ``.zarr``).
+    name, layers, output_selector
+        As in ``SimilarityModel``.
+    dtype : {"float32", "float16"}, default="float32"
+        Storage dtype of the activations.
+    force : bool, default=False
+        Overwrite an existing store instead of resuming or reusing it.
+    store_inputs : bool, default=True
+        Also store the flattened inputs (dCKA's confounder).
+
+    Returns
+    -------
+    ExtractResult
+    """
+    started = time.perf_counter()
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
+    sim = model if isinstance(model, SimilarityModel) else SimilarityModel(
+        model, name, layers, output_selector=output_selector
+    )
+    run_device = torch.device(device) if device is not None else sim.device
+    sim.model.to(run_device)
+    loader, n = as_loader(data, batch_size)
+    path = Path(path)
+    request = _request(sim, dtype, store_inputs, model_spec, weights_digest(sim.model))
+
+    with _exclusive_lock(path):
+        info = _reusable_info(path, request, force)
+        if info is not None and info.complete:
+            _verify_fingerprint(loader, info, path)
+            return ExtractResult(path, info.n_samples, info.layers, True, info.n_samples,
+                                 time.perf_counter() - started, 0)
+        return _run(sim, loader, n, path, request, info, dtype, store_inputs, run_device,
+                    chunk_bytes, progress, started)
+
+
+def _reusable_info(path: Path, request: dict, force: bool) -> StoreInfo | None:
+    """Info of the store already at ``path`` if it can be resumed or reused, None if there is none."""
+    if not path.exists():
+        return None
+    if force:
+        shutil.rmtree(path)
+        return None
+    try:
+        info = ZarrStore(path, read_only=True).info
+    except StoreError as exc:
+        raise StoreError(
+            f"{path} exists but is not a simtorch store ({exc}); remove it, choose another --out, "
+            "or pass --force to overwrite it."
+        ) from exc
+    existing = _existing_request(info)
+    if existing != request:
+        diff = [k for k in request if existing.get(k) != request[k]]
+        raise StoreError(
+            f"The store at {path} was written with a different {', '.join(diff)} "
+            f"(model {info.model_name!r}); pass --force to overwrite it or choose another --out."
+        )
+    return info
+
+
+def _verify_fingerprint(loader: DataLoader, info: StoreInfo, path: Path) -> None:
+    """Hash the data (no inference) and check it is the data the finished store was made from."""
+    fp = _Fingerprint(info.chunk_samples)
+    for batch in loader:
+        fp.update(_confounder_rows(_model_input(batch)))
+    if fp.finish() != info.fingerprint:
+        raise StoreError(
+            f"The finished store at {path} was extracted from different data (fingerprint mismatch); "
+            "pass --force to re-extract it, or choose another --out."
+        )
+
+
+def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk_bytes, progress, started):
+    from tqdm.auto import tqdm
+
+    created_here = info is None
+    store = ZarrStore(path, read_only=False, create=created_here)
+    resume_from = info.samples_done if info is not None else 0
+    if info is not None and info.n_samples != n:
+        raise StoreError(
+            f"The partial store at {path} was started for {info.n_samples} samples, the data has {n}; "
+            "pass --force to start again."
+        )
+    if info is None:
+        info = StoreInfo(
+            model_name=sim.model_name,
+            model_spec=request["model_spec"],
+            weights_digest=request["weights_digest"],
+            dtype=dtype,
+            n_samples=n,
+            inputs_stored=store_inputs,
+            versions=_library_versions(),
+            request={k: request[k] for k in ("layer_patterns", "output_selector")},
+        )
+        store.write_info(info)
+    _remove_partial_files(path)
+    fp: _Fingerprint | None = _Fingerprint(info.chunk_samples) if info.chunk_samples else None
+    writer = None
+    position = 0
+    bar = tqdm(total=n, initial=resume_from, desc=f"extract {sim.model_name}", unit="sample",
+               disable=not progress, leave=False)
+    try:
+        with sim.hooked():
+            for batch_index, batch in enumerate(loader):
+                inputs = _model_input(batch)
+                rows = _batch_len(inputs)
+                confounder = _confounder_rows(inputs)
+                stop = position + rows
+                if fp is not None:
+                    fp.update(confounder)
+                    _check_resumed_chunks(fp, info, resume_from, path)
+                if stop <= resume_from:
+                    position = stop
+                    continue
+                try:
+                    outputs = sim.forward(_to_device(inputs, device))
+                except LayerSelectionError:
+                    raise
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"Model {sim.model_name!r} failed on batch {batch_index} (samples {position}..{stop - 1}): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                arrays = {f"{LAYERS_GROUP}/{k}": _as_storage(v, dtype, k) for k, v in outputs.items()}
+                if store_inputs:
+                    arrays[INPUTS_ARRAY] = confounder
+                if writer is None:
+                    info = _prepare_arrays(store, info, sim.layers, arrays, n, chunk_bytes, path)
+                    if fp is None:
+                        fp = _Fingerprint(info.chunk_samples)
+                        fp.update(confounder)
+                    writer = _start_writer(store, info, fp, resume_from)
+                skip = max(0, resume_from - position)
+                writer.add({k: v[skip:] for k, v in arrays.items()})
+                bar.update(rows - skip)
+                position = stop
+            if position != n:
+                raise ValueError(f"The data yielded {position} samples but reports {n} (len); fix its __len__.")
+            if writer is not None:
+                writer.close()
+                bytes_written = writer.bytes_written
+            else:
+                bytes_written = 0
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if created_here and store.info.samples_done == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    info = store.info
+    info.fingerprint = fp.finish()
+    info.chunk_digests = fp.chunk_digests
+    info.samples_done = n
+    info.complete = True
+    store.write_info(info)
+    return ExtractResult(path, n, info.layers, False, resume_from, time.perf_counter() - started, bytes_written)
+
+
+def _as_storage(tensor: torch.Tensor, dtype: str, layer: str) -> np.ndarray:
+    if not (tensor.is_floating_point() or tensor.is_complex()) and tensor.dtype != torch.bool:
+        tensor = tensor.float()
+    if tensor.is_complex():
+        raise ValueError(f"Layer {layer!r} outputs complex values; choose a real-valued layer.")
+    return tensor.to(dtype=getattr(torch, dtype)).cpu().numpy()
+
+
+def _prepare_arrays(store, info, layers, arrays, n, chunk_bytes, path) -> StoreInfo:
+    """Create the arrays (first run) or check them (resume) from the first captured batch."""
+    per_sample = {k: v.shape[1:] for k, v in arrays.items()}
+    if info.chunk_samples:  # resuming: shapes must match what is on disk
+        for key, shape in per_sample.items():
+            if not store.has_array(key) or store.array_shape(key)[1:] != shape:
+                raise StoreError(
+                    f"The partial store at {path} has no array {key!r} of per-sample shape {shape}; "
+                    "the model changed since it was started. Pass --force to start again."
+                )
+        return info
+    widest = max(int(np.prod(s, dtype=np.int64)) * arrays[k].dtype.itemsize for k, s in per_sample.items())
+    info.chunk_samples = _chunk_samples(widest, n, chunk_bytes)
+    for key, shape in per_sample.items():
+        store.create_array(key, (n, *shape), str(arrays[key].dtype), info.chunk_samples)
+    info.layers = list(layers)
+    info.input_shape = list(arrays[INPUTS_ARRAY].shape[1:]) if INPUTS_ARRAY in arrays else []
+    store.write_info(info)
+    return info
+
+
+def _start_writer(store, info: StoreInfo, fp: _Fingerprint, resume_from: int):
+    from .writer import ChunkWriter
+
+    def on_chunk_written(stop: int, chunk_index: int) -> None:
+        current = store.info
+        current.samples_done = stop
+        current.chunk_digests = fp.chunk_digests[: chunk_index + 1]
+        store.write_info(current)
+
+    return ChunkWriter(store, info.chunk_samples, resume_from, on_chunk_written)
+
+
+def _check_resumed_chunks(fp: _Fingerprint, info: StoreInfo, resume_from: int, path: Path) -> None:
+    """On resume, the data's chunk digests must equal those recorded for the chunks already written."""
+    done = resume_from // info.chunk_samples if info.chunk_samples else 0
+    for i in range(min(done, len(fp.chunk_digests))):
+        if i < len(info.chunk_digests) and fp.chunk_digests[i] != info.chunk_digests[i]:
+            raise StoreError(
+                f"The data differs from the data the partial store at {path} was started with "
+                f"(chunk {i}); pass --force to start again, or choose another --out."
+            )
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Delete temporary files a killed writer may have left (zarr writes via *.partial + rename)."""
+    for leftover in path.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)

@@ -1,0 +1,19 @@
+"""simtorch stage two: similarity measures between layer representations."""
+
+from ._checks import MeasureError
+from .functional import cka, cka_debiased, cka_minibatch, cka_rbf, dcka
+from .registry import MEASURES, MeasureSpec, compare, get_measure, register
+
+__all__ = [
+    "MEASURES",
+    "MeasureError",
+    "MeasureSpec",
+    "cka",
+    "cka_debiased",
+    "cka_minibatch",
+    "cka_rbf",
+    "compare",
+    "dcka",
+    "get_measure",
+    "register",
+]

@@ -1,0 +1,155 @@
+"""The ``pipeline.py measure`` command: arguments and the thin body that calls the engine."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from extract.store import ZarrStore
+
+from ._checks import MeasureError
+from .engine import Engine
+from .registry import MEASURES, get_measure
+from .results import write_results
+
+__all__ = ["add_measure_arguments", "parse_measure", "run_measure"]
+
+DEFAULT_MEASURES = ["cka", "cka_debiased", "cka_rbf", "dcka"]
+DEFAULT_STORES = Path("data/activations")
+DEFAULT_OUT = Path("data/results")
+
+MEASURE_EXAMPLE = """\
+examples:
+  python pipeline.py measure
+      every store in data/activations/ against every other and itself with
+      cka, cka_debiased, cka_rbf and dcka -> data/results/
+  python pipeline.py measure data/activations/cnn_seed0.zarr data/activations/cnn_seed1.zarr \\
+      --measures cka 'cka_rbf(threshold=0.8)' 'cka_minibatch(batch_size=128)' --layers 'block*' --out results/
+"""
+
+
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = MEASURE_EXAMPLE
+    parser.add_argument("stores", nargs="*", help="stores, folders of stores, or globs (default data/activations)")
+    parser.add_argument("--measures", nargs="+", default=None, metavar="NAME",
+                        help=f"measures, optionally with options: 'cka_rbf(threshold=0.8)' "
+                             f"(default {' '.join(DEFAULT_MEASURES)})")
+    parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--layers", nargs="+", metavar="PATTERN", help="layer names or globs to compare")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--memory-budget", type=float, default=1.0, metavar="GIB",
+                        help="GiB of features held at once while building Grams (default 1)")
+    parser.add_argument("--undefined", choices=["raise", "nan"], default="raise",
+                        help="undefined values (constant layers...): stop with an error, or write NaN")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
+    parser.add_argument("--list-measures", action="store_true", help="print the measures and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
+    """'cka_rbf(threshold=0.8)' -> ('cka_rbf', {'threshold': 0.8}); values are JSON or bare words."""
+    name, _, rest = text.partition("(")
+    name = name.strip()
+    get_measure(name)
+    options: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith(")"):
+            raise MeasureError(f"Cannot parse measure {text!r}: expected NAME(option=value, ...).")
+        for item in filter(None, (p.strip() for p in rest[:-1].split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise MeasureError(f"Cannot parse option {item!r} of {text!r}: expected option=value.")
+            try:
+                options[key.strip()] = json.loads(value.strip())
+            except json.JSONDecodeError:
+                options[key.strip()] = {"True": True, "False": False}.get(value.strip(), value.strip())
+    return name, options
+
+
+def find_stores(specs: list[str]) -> list[Path]:
+    """Store paths from explicit paths, folders holding ``*.zarr`` stores, and globs."""
+    specs = specs or [str(DEFAULT_STORES)]
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir() and path.suffix != ".zarr" and not (path / "zarr.json").exists():
+            found.extend(sorted(p for p in path.glob("*.zarr") if p.is_dir()))
+        elif any(c in spec for c in "*?["):
+            found.extend(sorted(Path(p) for p in glob.glob(spec)))
+        else:
+            if not path.exists():
+                raise MeasureError(f"No store at {spec}; check the path (stores are written by `pipeline.py extract`).")
+            found.append(path)
+    if not found:
+        raise MeasureError(f"No stores found in {specs}; run `python pipeline.py extract` first.")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def store_pairs(n: int, symmetric: bool) -> list[tuple[int, int]]:
+    """Every store against every other and itself: unordered for symmetric measures, ordered otherwise."""
+    if symmetric:
+        return list(itertools.combinations_with_replacement(range(n), 2))
+    return list(itertools.product(range(n), repeat=2))
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    if args.list_measures:
+        for name in sorted(MEASURES):
+            spec = MEASURES[name]
+            print(f"{name:15s} {'symmetric' if spec.symmetric else 'asymmetric':10s} {spec.kind:10s} "
+                  f"options={dict(spec.options)}  {spec.reference}")
+        return 0
+    measures = [parse_measure(m) for m in (args.measures or DEFAULT_MEASURES)]
+    for name, options in measures:
+        get_measure(name).resolve_options(options)  # fail before any work
+    paths = find_stores(args.stores)
+    stores = [ZarrStore(p, read_only=True) for p in paths]
+    names = [s.name for s in stores]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise MeasureError(f"Several stores share the model name(s) {dupes}; results would overwrite each other. "
+                           "Re-extract with distinct --name values.")
+    n_stores = len(stores)
+    work = sum(len(store_pairs(n_stores, get_measure(m).symmetric)) for m, _ in measures)
+    bar = tqdm(total=work, desc="measure", unit="pair", disable=args.quiet, leave=False)
+
+    def progress(message: str) -> None:
+        if " × " in message:
+            bar.update(1)
+        bar.set_postfix_str(message[-40:])
+
+    engine = Engine(stores, device=args.device, layers=args.layers,
+                    memory_budget=int(args.memory_budget * 2**30), undefined=args.undefined, progress=progress)
+    results = []
+    try:
+        for name, options in measures:
+            pairs = store_pairs(n_stores, get_measure(name).symmetric)
+            results.extend(engine.run([(name, options)], pairs))
+    finally:
+        bar.close()
+    out = Path(args.out or DEFAULT_OUT)
+    store_meta = {s.name: {"path": str(p), "fingerprint": s.info.fingerprint, "n_samples": s.n_samples,
+                           "layers": engine.layers[i], "weights_digest": s.info.weights_digest}
+                  for i, (s, p) in enumerate(zip(stores, paths))}
+    manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
+                             plots=not args.no_plots)
+    if not args.quiet:
+        _print_summary(results)
+    print(f"wrote {len(results)} result(s) to {out}/ (manifest {manifest})")
+    return 0
+
+
+def _print_summary(results) -> None:
+    """For each pair of different stores and each measure: each layer of A's best match in B."""
+    for r in results:
+        if r.store_a == r.store_b:
+            continue
+        matches = ", ".join(f"{a}→{b} ({v:.2f})" for a, b, v in r.best_matches())
+        print(f"{r.measure:13s} {r.store_a} vs {r.store_b}: {matches}")

@@ -1,0 +1,218 @@
+"""The measure engine: labelled layer × layer matrices for pairs of stores.
+
+For each store and layer the engine computes the statistic a measure needs
+(usually the n × n Gram) once, turns it into the measure's per-layer object
+once, and reuses it for every pair and every measure that needs it. A pair's
+matrix is then one cheap reduction (for kernel measures, one matrix product)
+copied to the host once. Stores are read-only and streamed chunk by chunk
+(``measure.statistics``); the engine never imports hooks, and the in-memory
+API feeds it ``MemoryStore``s.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from extract.hooks import _glob_regex
+from extract.store import ActivationStore, StoreError
+
+from ._checks import MeasureError
+from .functional.dcka import confounder_gram
+from .registry import MeasureSpec, get_measure
+from .statistics import DEFAULT_MEMORY_BUDGET, layer_features, layer_gram, layer_gram_blocks
+
+__all__ = ["Engine", "PairResult", "check_comparable", "default_device", "select_layers"]
+
+
+def default_device(requested: str | torch.device | None = None) -> torch.device:
+    """``requested``, else CUDA when present, else CPU."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MeasureError(f"Device {requested} was requested but CUDA is not available; use cpu.")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class PairResult:
+    """One measure on one (ordered) pair of stores."""
+
+    measure: str
+    options: dict[str, Any]
+    store_a: str
+    store_b: str
+    rows: list[str]
+    cols: list[str]
+    matrix: np.ndarray
+    spec: MeasureSpec
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def best_matches(self) -> list[tuple[str, str, float]]:
+        """For each row layer, the most similar column layer (smallest value for distances)."""
+        pick = np.nanargmin if self.spec.kind == "distance" else np.nanargmax
+        out = []
+        for i, row in enumerate(self.rows):
+            values = self.matrix[i]
+            if np.all(np.isnan(values)):
+                out.append((row, "", float("nan")))
+            else:
+                j = int(pick(values))
+                out.append((row, self.cols[j], float(values[j])))
+        return out
+
+
+def check_comparable(a: ActivationStore, b: ActivationStore) -> None:
+    """Raise unless both stores are complete and hold the same samples in the same order."""
+    for store in (a, b):
+        store.require_complete()
+    ia, ib = a.info, b.info
+    if ia.n_samples != ib.n_samples or ia.fingerprint != ib.fingerprint:
+        raise StoreError(
+            f"{a} and {b} were not extracted from the same data ({ia.n_samples} vs {ib.n_samples} samples, "
+            f"fingerprints {ia.fingerprint[:23]}… vs {ib.fingerprint[:23]}…); similarity needs the same "
+            "inputs in the same order. Re-extract both with the same --data."
+        )
+
+
+def select_layers(store: ActivationStore, patterns: Sequence[str] | None) -> list[str]:
+    """Layers of ``store`` matching any of ``patterns`` (names or globs), in capture order."""
+    layers = store.layers
+    if not patterns:
+        return layers
+    chosen = [layer for layer in layers if any(layer == p or _glob_regex(p).fullmatch(layer) for p in patterns)]
+    if not chosen:
+        raise MeasureError(f"--layers {list(patterns)} match no layer of {store}; its layers are {layers}.")
+    return chosen
+
+
+class Engine:
+    """Computes and caches per-layer statistics of a set of stores, then pairs them.
+
+    Parameters
+    ----------
+    stores : list of ActivationStore
+        Complete stores of the same data.
+    device : str or torch.device, default=None
+        CUDA when present, else CPU.
+    layers : list of str, optional
+        Name/glob patterns selecting layers (all layers by default).
+    memory_budget : int
+        Bytes of float64 features held at once while building a Gram.
+    undefined : {"raise", "nan"}, default="raise"
+        Undefined values (constant layers...) raise, or become NaN with a warning.
+    progress : callable(str), optional
+        Called with a short description after each unit of work.
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[ActivationStore],
+        *,
+        device: str | torch.device | None = None,
+        layers: Sequence[str] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        undefined: Literal["raise", "nan"] = "raise",
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        if not stores:
+            raise MeasureError("No stores to measure; pass at least one store.")
+        self.stores = list(stores)
+        for other in self.stores[1:]:
+            check_comparable(self.stores[0], other)
+        self.stores[0].require_complete()
+        self.device = default_device(device)
+        self.layers = [select_layers(s, layers) for s in self.stores]
+        self.memory_budget = memory_budget
+        self.undefined = undefined
+        self._progress = progress or (lambda message: None)
+        self._grams: dict[tuple[int, str], torch.Tensor] = {}
+        self._confounder: torch.Tensor | None = None
+        self.statistics_computed = 0  # count of per-layer statistics built (for tests and reports)
+
+    # ------------------------------------------------------------------ statistics
+    def gram(self, s: int, layer: str) -> torch.Tensor:
+        key = (s, layer)
+        if key not in self._grams:
+            self._grams[key] = layer_gram(self.stores[s], layer, self.device, self.memory_budget)
+            self.statistics_computed += 1
+            self._progress(f"gram {self.stores[s].name}/{layer}")
+        return self._grams[key]
+
+    def confounder(self) -> torch.Tensor:
+        if self._confounder is None:
+            holder = next((s for s in self.stores if s.info.inputs_stored), None)
+            if holder is None:
+                raise MeasureError(
+                    "dcka needs the inputs as its confounder, but none of the stores holds them; "
+                    "re-extract one store without --no-inputs."
+                )
+            self._confounder = confounder_gram(layer_features(holder, None, self.device))
+        return self._confounder
+
+    def _statistic(self, spec: MeasureSpec, s: int, layer: str, options: dict[str, Any]) -> Any:
+        if spec.statistic == "gram":
+            return self.gram(s, layer)
+        if spec.statistic == "gram_blocks":
+            self.statistics_computed += 1
+            return layer_gram_blocks(self.stores[s], layer, options["batch_size"], self.device)
+        self.statistics_computed += 1
+        return layer_features(self.stores[s], layer, self.device)
+
+    def prepared(self, spec: MeasureSpec, options: dict[str, Any], s: int) -> list[Any]:
+        """The measure's per-layer objects for every selected layer of store ``s``."""
+        if spec.statistic == "gram_blocks":
+            b = options["batch_size"]
+            n = self.stores[s].n_samples
+            if not (isinstance(b, int) and 4 <= b <= n):
+                raise MeasureError(f"batch_size must be an integer between 4 and {n}, got {b!r}.")
+        confounder = self.confounder() if spec.needs_confounder else None
+        out = []
+        for layer in self.layers[s]:
+            p = spec.prepare(self._statistic(spec, s, layer, options), confounder=confounder, **options)
+            if not getattr(p, "defined", True):
+                message = f"{spec.name} is undefined for layer {layer!r} of {self.stores[s]}: {p.reason}."
+                if self.undefined == "raise":
+                    raise MeasureError(message + " Drop the layer with --layers, or pass --undefined nan.")
+                warnings.warn(message + " Its row/column is NaN.", stacklevel=2)
+            out.append(p)
+        return out
+
+    # ------------------------------------------------------------------ pairs
+    def run(self, measures: Iterable[tuple[str, dict[str, Any]]],
+            pairs: Sequence[tuple[int, int]]) -> list[PairResult]:
+        """Every measure on every pair (i, j) of store indices."""
+        results = []
+        for name, given in measures:
+            spec = get_measure(name)
+            options = spec.resolve_options(given)
+            cache: dict[int, list[Any]] = {}
+            for i, j in pairs:
+                for s in (i, j):
+                    if s not in cache:
+                        cache[s] = self.prepared(spec, options, s)
+                matrix = spec.pair_matrix(cache[i], cache[j]).detach().to("cpu", torch.float64).numpy()
+                results.append(PairResult(
+                    measure=name, options=options, store_a=self.stores[i].name, store_b=self.stores[j].name,
+                    rows=list(self.layers[i]), cols=list(self.layers[j]), matrix=matrix, spec=spec,
+                    extras=_extras(cache[i], cache[j], self.layers[i], self.layers[j]),
+                ))
+                self._progress(f"{name} {self.stores[i].name} × {self.stores[j].name}")
+            del cache
+        return results
+
+
+def _extras(rows: list[Any], cols: list[Any], row_names: list[str], col_names: list[str]) -> dict[str, Any]:
+    """Per-layer by-products (e.g. dCKA's variance explained by the input) keyed by side and layer."""
+    out: dict[str, Any] = {}
+    for side, items, names in (("rows", rows, row_names), ("cols", cols, col_names)):
+        per_layer = {name: dict(p.extras) for name, p in zip(names, items) if getattr(p, "extras", None)}
+        if per_layer:
+            out[side] = per_layer
+    return out

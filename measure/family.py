@@ -1,0 +1,1 @@
+"""Registrations of the measure family beyond CKA (Procrustes, CCA, RSA, k-NN...)."""

@@ -1,0 +1,82 @@
+"""The shape shared by every kernel-alignment measure.
+
+CKA, debiased CKA, RBF CKA, minibatch CKA and dCKA all have the form
+
+    S(A, B) = ⟨v(A), w(B)⟩ / √(⟨v(A), w(A)⟩ · ⟨v(B), w(B)⟩)
+
+for per-layer vectors v, w derived from one layer's Gram matrix. ``prepare``
+functions return those vectors already divided by the square root of the
+layer's self-product, so the whole L_A × L_B matrix is one matrix product of
+stacked vectors, computed on the device and copied to the host once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Prepared", "bilinear_matrix", "normalized"]
+
+
+@dataclass
+class Prepared:
+    """One layer's statistic, ready for pairing.
+
+    Attributes
+    ----------
+    left, right : Tensor
+        1-D float64 vectors; S[i, j] = ⟨left_i, right_j⟩ (``right`` may be ``left``).
+    defined : bool
+        False when the measure is mathematically undefined for this layer
+        (zero variance, negative unbiased self-HSIC); ``reason`` says why.
+    extras : dict
+        Per-layer by-products worth reporting (dCKA's variance explained...).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    defined: bool = True
+    reason: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, what: str,
+               extras: dict[str, Any] | None = None) -> Prepared:
+    """Divide by √⟨left, right⟩; mark undefined when that self-product is not clearly positive.
+
+    ``scale`` is a magnitude of the unnormalised statistic (for example ‖K‖²)
+    that sets the round-off threshold: a self-product below 1e-12 · scale is
+    treated as zero.
+    """
+    self_product = torch.dot(left, right)
+    value, tolerance = float(self_product), 1e-12 * float(scale)
+    if not value > tolerance:
+        reason = (
+            f"{what} is zero: the layer is constant over samples" if abs(value) <= tolerance
+            else f"{what} is negative ({value:.3g})"
+        )
+        return Prepared(left, right, defined=False, reason=reason, extras=extras or {})
+    norm = torch.sqrt(self_product)
+    same = right is left
+    left = left / norm
+    return Prepared(left, left if same else right / norm, extras=extras or {})
+
+
+def bilinear_matrix(rows: Sequence[Prepared], cols: Sequence[Prepared],
+                    clamp: tuple[float, float] | None = (-1.0, 1.0)) -> torch.Tensor:
+    """S[i, j] = ⟨rows[i].left, cols[j].right⟩ as one matrix product; NaN where undefined."""
+    left = torch.stack([p.left for p in rows])
+    right = torch.stack([p.right for p in cols])
+    matrix = left @ right.T
+    if clamp is not None:
+        matrix = matrix.clamp(*clamp)
+    undefined_rows = [i for i, p in enumerate(rows) if not p.defined]
+    undefined_cols = [j for j, p in enumerate(cols) if not p.defined]
+    if undefined_rows:
+        matrix[undefined_rows, :] = float("nan")
+    if undefined_cols:
+        matrix[:, undefined_cols] = float("nan")
+    return matrix

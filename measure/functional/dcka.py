@@ -1,0 +1,73 @@
+"""Deconfounded CKA (Cui, Kumar, Marttinen & Kaski, NeurIPS 2022).
+
+The input similarity K₀ is the linear Gram of the flattened inputs after
+column centring and scaling to unit Frobenius norm. Each representation Gram K
+(of centred, unit-Frobenius activations, i.e. H K H / tr(H K H)) is regressed
+entrywise on [1, vec(K₀)] by least squares over all n² entries; dCKA is linear
+CKA of the residual Grams R:
+
+    β = Σ (K − K̄)(K₀ − K̄₀) / Σ (K₀ − K̄₀)²,   R = K − K̄ − β (K₀ − K̄₀),
+    dCKA = ⟨H R_A H, H R_B H⟩ / (‖H R_A H‖_F ‖H R_B H‖_F).
+
+Optionally R is projected onto the PSD cone (negative eigenvalues set to zero)
+before centring, as in the authors' code. dCKA(X, X) = 1 and dCKA can be
+negative. The share of the Gram's variance explained by the input,
+1 − var(R) / var(K), is reported per layer as ``variance_explained``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ._bilinear import Prepared, bilinear_matrix, normalized
+from .gram import center_gram, linear_gram
+
+__all__ = ["confounder_gram", "dcka"]
+
+
+def confounder_gram(inputs: torch.Tensor) -> torch.Tensor:
+    """K₀: Gram of the column-centred, unit-Frobenius, flattened inputs (n × n, float64)."""
+    centered = center_gram(linear_gram(inputs))
+    trace = torch.trace(centered)
+    if not float(trace) > 0:
+        raise MeasureError("The confounder (inputs) is constant over samples; dCKA needs varying inputs.")
+    return centered / trace
+
+
+def _dcka_prepare(gram: torch.Tensor, confounder: torch.Tensor, psd: bool = False) -> Prepared:
+    """dCKA statistic of one layer: the centred, normalised residual of K regressed on K₀."""
+    if confounder.shape != gram.shape:
+        raise MeasureError(
+            f"The confounder Gram has shape {tuple(confounder.shape)} but the layer Gram {tuple(gram.shape)}; "
+            "the confounder must hold the same samples as the activations."
+        )
+    centered = center_gram(gram)
+    trace = torch.trace(centered)
+    if not float(trace) > 1e-12 * float(torch.trace(gram).abs()):
+        empty = torch.zeros(gram.numel(), dtype=gram.dtype, device=gram.device)
+        return Prepared(empty, empty, defined=False, reason="the layer is constant over samples")
+    k = centered / trace
+    k_dev = k - k.mean()
+    k0_dev = confounder - confounder.mean()
+    k0_ss = torch.sum(k0_dev * k0_dev)
+    beta = torch.sum(k_dev * k0_dev) / k0_ss
+    residual = k_dev - beta * k0_dev
+    k_ss = torch.sum(k_dev * k_dev)
+    extras = {"variance_explained": float(1 - torch.sum(residual * residual) / k_ss), "beta": float(beta)}
+    if psd:
+        eigvals, eigvecs = torch.linalg.eigh(residual)
+        residual = (eigvecs * eigvals.clamp_min(0)) @ eigvecs.T
+    r = center_gram(residual).reshape(-1)
+    return normalized(r, r, k_ss, "‖H R H‖² (the input explains the whole Gram)", extras)
+
+
+def dcka(x, y, confounder, psd: bool = False) -> float:
+    """Deconfounded linear CKA between x and y (n, ...) given the inputs ``confounder`` (n, ...)."""
+    x, y = as_samples_matrix(x, "x"), as_samples_matrix(y, "y")
+    z = as_samples_matrix(confounder, "confounder")
+    check_same_samples(x, y)
+    check_same_samples(x, z, ("x", "confounder"))
+    k0 = confounder_gram(z)
+    px, py = _dcka_prepare(linear_gram(x), k0, psd), _dcka_prepare(linear_gram(y), k0, psd)
+    return float(bilinear_matrix([px], [py])[0, 0])

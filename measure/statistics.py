@@ -1,0 +1,103 @@
+"""Per-layer statistics streamed from an ``ActivationStore``.
+
+The Gram matrix K = X Xᵀ (float64, n × n) of a layer is built from row blocks
+of X: when the layer fits the memory budget it is read once (chunk by chunk,
+the next chunk read on a background thread while the device works) and
+multiplied once; otherwise K is assembled block by block, K[a, b] = X_a X_bᵀ,
+holding two row blocks at a time, so peak memory is the budget plus K itself.
+Every block is checked for NaN/Inf on the device with one host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from extract.store import ActivationStore
+
+from ._checks import check_finite
+from .functional.gram import linear_gram
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "iter_row_blocks", "layer_features", "layer_gram", "layer_gram_blocks"]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 features held at once
+
+
+def _chunk_rows(store: ActivationStore, layer: str | None) -> int:
+    chunk = store.info.chunk_samples or store.n_samples
+    return max(1, min(chunk, store.n_samples))
+
+
+def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop: int, rows: int,
+                    device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, float64 block on ``device``) for rows start:stop, reading one block ahead on a thread.
+
+    ``layer=None`` reads the stored inputs.
+    """
+    what = f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
+
+    def read(a: int) -> np.ndarray:
+        b = min(stop, a + rows)
+        return store.read_layer(layer, a, b) if layer is not None else store.read_inputs(a, b)
+
+    offsets = list(range(start, stop, rows))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, offsets[0]) if offsets else None
+        for i, offset in enumerate(offsets):
+            array = pending.result()
+            pending = pool.submit(read, offsets[i + 1]) if i + 1 < len(offsets) else None
+            block = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            block = block.reshape(len(block), -1).to(torch.float64)
+            check_finite(block, what, offset)
+            yield offset, block
+
+
+def _features_bytes(store: ActivationStore, layer: str | None) -> int:
+    shape = store.layer_shape(layer) if layer is not None else tuple(store.info.input_shape)
+    return int(np.prod(shape, dtype=np.int64)) * 8
+
+
+def layer_features(store: ActivationStore, layer: str | None, device: torch.device) -> torch.Tensor:
+    """The whole (n_samples, n_features) float64 matrix of ``layer`` (or of the inputs, layer=None)."""
+    rows = _chunk_rows(store, layer)
+    blocks = [b for _, b in iter_row_blocks(store, layer, 0, store.n_samples, rows, device)]
+    return torch.cat(blocks)
+
+
+def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
+               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """K = X Xᵀ in float64 on ``device``, with at most ``memory_budget`` bytes of X held at once."""
+    n = store.n_samples
+    chunk = _chunk_rows(store, layer)
+    per_row = max(1, _features_bytes(store, layer))
+    # rows per super-block: two super-blocks must fit the budget; whole chunks so reads stay aligned
+    block_rows = max(chunk, (memory_budget // (2 * per_row)) // chunk * chunk)
+    if block_rows >= n:
+        return linear_gram(layer_features(store, layer, device))
+    gram = torch.empty((n, n), dtype=torch.float64, device=device)
+    for a0 in range(0, n, block_rows):
+        a1 = min(n, a0 + block_rows)
+        xa = torch.cat([b for _, b in iter_row_blocks(store, layer, a0, a1, chunk, device)])
+        gram[a0:a1, a0:a1] = xa @ xa.T
+        for b0 in range(a1, n, block_rows):
+            b1 = min(n, b0 + block_rows)
+            xb = torch.cat([b for _, b in iter_row_blocks(store, layer, b0, b1, chunk, device)])
+            cross = xa @ xb.T
+            gram[a0:a1, b0:b1] = cross
+            gram[b0:b1, a0:a1] = cross.T
+            del xb
+        del xa
+    return gram
+
+
+def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,
+                      device: torch.device) -> list[torch.Tensor]:
+    """Grams of consecutive batches of ``batch_size`` samples (a final partial batch is dropped)."""
+    n_full = (store.n_samples // batch_size) * batch_size
+    grams = []
+    for _, block in iter_row_blocks(store, layer, 0, n_full, batch_size, device):
+        grams.append(linear_gram(block))
+    return grams

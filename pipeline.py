@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""simtorch command line: ``extract`` activations to stores, ``measure`` similarities between them.
+
+    python pipeline.py extract            # the embedded demo zoo -> data/activations/
+    python pipeline.py measure            # every demo store against every other -> data/results/
+
+Each subcommand has ``<name>_command_parser(subparsers=None)`` and
+``<name>_command(args)``; command bodies only call library entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+import warnings
+from pathlib import Path
+
+DEFAULT_ACTIVATIONS = Path("data/activations")
+DEFAULT_RESULTS = Path("data/results")
+
+EXTRACT_EXAMPLE = """\
+examples:
+  python pipeline.py extract
+      train the demo zoo on scikit-learn's digits (cached in data/models/) and
+      extract it into data/activations/
+  python pipeline.py extract --model extract.demo:cnn --weights data/models/cnn_seed1.pt \\
+      --name seed1 --data digits --layers 'block*' fc1 fc2 --out data/activations
+      one model; writes data/activations/seed1.zarr (rerun to resume or reuse it)
+  python pipeline.py extract --config zoo.toml
+      several models; the TOML file holds the flags as keys and a [[models]] table
+      per model (keys model, weights, name, layers)
+"""
+
+
+class CommandError(Exception):
+    """A user error found by the CLI itself."""
+
+
+def _die_on_known_errors(func):
+    """Print known errors as one line (no traceback) and return a non-zero exit code."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        from extract import LayerSelectionError, StoreError
+        from extract.specs import SpecError
+
+        known: tuple[type[BaseException], ...] = (
+            CommandError, StoreError, SpecError, LayerSelectionError, ValueError, TypeError,
+            RuntimeError, OSError, tomllib.TOMLDecodeError,
+        )
+        try:
+            return func(args)
+        except known as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, (CommandError, SpecError, ValueError, TypeError)) else 1
+        except KeyboardInterrupt:
+            print("interrupted: rerun the same command to resume.", file=sys.stderr)
+            return 130
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- extract
+def extract_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    kwargs = dict(
+        description="Run models once over a dataset and write their layer activations to Zarr stores.",
+        epilog=EXTRACT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser = subparsers.add_parser("extract", **kwargs) if subparsers else argparse.ArgumentParser(**kwargs)
+    parser.add_argument("--config", help="TOML file with the options below and [[models]] tables")
+    parser.add_argument("--model", help="module:function factory, TorchScript file, HF directory or torchvision:NAME")
+    parser.add_argument("--weights", help="state-dict file loaded into --model")
+    parser.add_argument("--name", help="model name; the store is OUT/NAME.zarr")
+    parser.add_argument("--data", help="digits, digits:train, a .npy/.pt file, or module:function")
+    parser.add_argument("--layers", nargs="+", metavar="PATTERN", help="module names or globs ('layer*.conv?')")
+    parser.add_argument("--out", default=None, help=f"folder receiving NAME.zarr (default {DEFAULT_ACTIVATIONS})")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (default 128)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default=None, help="storage dtype")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--force", action="store_true", help="redo an extraction whose store already exists")
+    parser.add_argument("--no-inputs", action="store_true", help="do not store the inputs (dCKA's confounder)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if subparsers:
+        parser.set_defaults(func=extract_command)
+    return parser
+
+
+def _default_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise CommandError(f"--device {requested} was asked for but CUDA is not available; use --device cpu.")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _extract_jobs(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """(models to extract, shared options) from flags and the optional TOML config."""
+    config: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise CommandError(f"Config file {path} does not exist.")
+        config = tomllib.loads(path.read_text())
+        unknown = set(config) - {"data", "out", "batch_size", "dtype", "device", "no_inputs", "models"}
+        if unknown:
+            raise CommandError(f"Unknown keys {sorted(unknown)} in {path}; allowed: data, out, batch_size, dtype, "
+                               "device, no_inputs, models.")
+    shared = {
+        "data": args.data or config.get("data"),
+        "out": Path(args.out or config.get("out") or DEFAULT_ACTIVATIONS),
+        "batch_size": args.batch_size or config.get("batch_size") or 128,
+        "dtype": args.dtype or config.get("dtype") or "float32",
+        "device": args.device or config.get("device"),
+        "store_inputs": not (args.no_inputs or config.get("no_inputs", False)),
+    }
+    models = list(config.get("models", []))
+    if args.model:
+        models.append({"model": args.model, "weights": args.weights, "name": args.name, "layers": args.layers})
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or "model" not in m:
+            raise CommandError(f"Model entry {i} needs a 'model' key (module:function, file or directory).")
+        if not m.get("layers"):
+            raise CommandError(f"Model {m['model']!r} needs --layers (module names or globs).")
+        m.setdefault("name", None)
+        m["name"] = m["name"] or Path(str(m["model"]).replace(":", "_")).stem
+    return models, shared
+
+
+@_die_on_known_errors
+def extract_command(args: argparse.Namespace) -> int:
+    """Extract the demo zoo (no model flags) or the models named by flags / config."""
+    from extract import extract
+    from extract.specs import load_data, load_model
+
+    models, shared = _extract_jobs(args)
+    device = _default_device(shared["device"])
+    if not models:
+        if args.data or args.layers or args.weights or args.name:
+            raise CommandError("--data/--layers/--weights/--name need --model (or a --config with [[models]]).")
+        return _extract_demo(shared, device, force=args.force, quiet=args.quiet)
+    if not shared["data"]:
+        raise CommandError("--data is required with --model (for example --data digits).")
+    data = load_data(shared["data"])
+    for m in models:
+        result = extract(
+            load_model(m["model"], m.get("weights")),
+            data,
+            shared["out"] / f"{m['name']}.zarr",
+            name=m["name"],
+            layers=m["layers"],
+            batch_size=shared["batch_size"],
+            dtype=shared["dtype"],
+            device=device,
+            force=args.force,
+            store_inputs=shared["store_inputs"],
+            model_spec=f"{m['model']}|weights={m.get('weights') or ''}",
+            progress=not args.quiet,
+        )
+        _report_extract(result)
+    return 0
+
+
+def _report_extract(result) -> None:
+    if result.cached:
+        print(f"{result.path}: already complete ({result.n_samples} samples, {len(result.layers)} layers); "
+              "nothing to do (--force redoes it)")
+    else:
+        resumed = f", resumed at sample {result.resumed_from}" if result.resumed_from else ""
+        print(f"{result.path}: {result.n_samples} samples x {len(result.layers)} layers in "
+              f"{result.seconds:.1f} s{resumed}")
+
+
+def _extract_demo(shared: dict, device: str, *, force: bool, quiet: bool) -> int:
+    from extract import extract
+    from extract.demo import DEMO_LAYERS, digits, train_zoo
+    from extract.specs import load_model
+
+    records = train_zoo(Path("data/models"))
+    x_test = digits("test")[0]
+    for rec in records:
+        result = extract(
+            load_model(rec["factory"], rec["weights"]),
+            x_test,
+            shared["out"] / f"{rec['name']}.zarr",
+            name=rec["name"],
+            layers=DEMO_LAYERS,
+            batch_size=shared["batch_size"],
+            dtype=shared["dtype"],
+            device=device,
+            force=force,
+            store_inputs=shared["store_inputs"],
+            model_spec=f"{rec['factory']}|weights={rec['weights']}",
+            progress=not quiet,
+        )
+        _report_extract(result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- measure
+def measure_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    from measure.cli import add_measure_arguments
+
+    kwargs = dict(
+        description="Compare the layers of stores with similarity measures.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser = subparsers.add_parser("measure", **kwargs) if subparsers else argparse.ArgumentParser(**kwargs)
+    add_measure_arguments(parser)
+    if subparsers:
+        parser.set_defaults(func=measure_command)
+    return parser
+
+
+@_die_on_known_errors
+def measure_command(args: argparse.Namespace) -> int:
+    """Measure every requested pair of stores; see ``measure.cli.run_measure``."""
+    from measure.cli import run_measure
+
+    return run_measure(args)
+
+
+# ----------------------------------------------------------------------------- root
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simtorch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(title="commands")
+    extract_command_parser(subparsers)
+    measure_command_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("default")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 1
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
