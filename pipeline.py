@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 import warnings
 from pathlib import Path
+
+import tomllib
 
 DEFAULT_ACTIVATIONS = Path("data/activations")
 DEFAULT_RESULTS = Path("data/results")

@@ -1,0 +1,179 @@
+"""The original simtorch API, on the store engine.
+
+``CKA(sim_model1, sim_model2, device=...).compute(dataloader)`` runs both
+models over the loader once, captures their layers into ``MemoryStore``s and
+measures them with the same ``Engine`` that ``pipeline.py measure`` uses, so
+the matrix is exact over every sample of the loader — equal to ``compare`` on
+the concatenated activations — and not an average of per-batch scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.hooks import SimilarityModel
+from extract.runner import _confounder_rows, _model_input, _to_device
+from extract.store import INPUTS_ARRAY, LAYERS_GROUP, MemoryStore, StoreInfo
+
+from .engine import Engine, PairResult, default_device
+from .registry import get_measure
+
+__all__ = ["CKA", "DeconfoundedCKA", "DeltaCKA", "Similarity", "capture"]
+
+
+def capture(sim_models: list[SimilarityModel], dataloader: Iterable, device: torch.device,
+            store_inputs: bool = True) -> list[MemoryStore]:
+    """Run every model over ``dataloader`` once and return one complete ``MemoryStore`` per model."""
+    from tqdm.auto import tqdm
+
+    parts: list[dict[str, list[np.ndarray]]] = [{} for _ in sim_models]
+    digest = hashlib.sha256()
+    n = 0
+    for model in sim_models:
+        model.model.to(device)
+    with torch.inference_mode():
+        hooked = [m.hooked() for m in sim_models]
+        for h in hooked:
+            h.__enter__()
+        try:
+            total = len(dataloader) if hasattr(dataloader, "__len__") else None
+            for batch in tqdm(dataloader, total=total, desc="forward", leave=False):
+                inputs = _model_input(batch)
+                rows = _confounder_rows(inputs)
+                digest.update(rows.tobytes())
+                n += len(rows)
+                for store_parts, model in zip(parts, sim_models):
+                    outputs = model.forward(_to_device(inputs, device))
+                    for key, tensor in outputs.items():
+                        store_parts.setdefault(f"{LAYERS_GROUP}/{key}", []).append(tensor.float().cpu().numpy())
+                    if store_inputs:
+                        store_parts.setdefault(INPUTS_ARRAY, []).append(rows)
+        finally:
+            for h in hooked:
+                h.__exit__(None, None, None)
+    if n == 0:
+        raise ValueError("The dataloader yielded no samples.")
+    stores = []
+    for store_parts, model in zip(parts, sim_models):
+        info = StoreInfo(model_name=model.model_name, layers=list(model.layers), n_samples=n,
+                         chunk_samples=n, samples_done=n, complete=True, inputs_stored=store_inputs,
+                         fingerprint=f"memory:sha256:{digest.hexdigest()}:n={n}")
+        store = MemoryStore(info)
+        for key, blocks in store_parts.items():
+            array = np.concatenate(blocks)
+            store.create_array(key, array.shape, str(array.dtype), n)
+            store.write(key, 0, array)
+        if store_inputs:
+            info.input_shape = list(store.array_shape(INPUTS_ARRAY)[1:])
+        stores.append(store)
+    return stores
+
+
+class Similarity:
+    """Base of the model-pair classes: ``compute(dataloader)`` then ``plot_similarity()``.
+
+    Parameters
+    ----------
+    sim_model1, sim_model2 : SimilarityModel
+    device : str or torch.device, default=None
+        Where models run and measures are computed (CUDA when present).
+    **options
+        Options of the measure (see ``measure.MEASURES[name].options``).
+
+    Attributes
+    ----------
+    sim_matrix : ndarray of shape (n_layers1, n_layers2)
+        The last computed matrix; rows are layers of ``sim_model1``.
+    result : PairResult
+        The matrix with its layer names and per-layer extras.
+    """
+
+    measure = "cka"
+    similarity_name = "CKA"
+
+    def __init__(self, sim_model1: SimilarityModel, sim_model2: SimilarityModel,
+                 device: str | torch.device | None = None, **options: Any) -> None:
+        for i, m in enumerate((sim_model1, sim_model2), start=1):
+            if not isinstance(m, SimilarityModel):
+                raise TypeError(f"sim_model{i} must be an extract.SimilarityModel, got {type(m).__name__}.")
+        self.sim_model1 = sim_model1
+        self.sim_model2 = sim_model2
+        self.device = device
+        self.options = options
+        self.sim_matrix: np.ndarray | None = None
+        self.result: PairResult | None = None
+
+    def compute(self, dataloader: Iterable) -> np.ndarray:
+        """The layer × layer matrix over every sample of ``dataloader`` (rows: sim_model1)."""
+        spec = get_measure(self.measure)
+        options = spec.resolve_options(self.options)
+        device = default_device(self.device)
+        stores = capture([self.sim_model1, self.sim_model2], dataloader, device,
+                         store_inputs=spec.needs_confounder)
+        engine = Engine(stores, device=device)
+        self.result = engine.run([(self.measure, options)], [(0, 1)])[0]
+        self.sim_matrix = self.result.matrix
+        return self.sim_matrix
+
+    def plot_similarity(self, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
+                        savefig: bool = False, save_path: str | os.PathLike[str] = "output",
+                        plot_cmap: str = "magma", ax=None):
+        """Heatmap with layer names on both axes and the model names in the title; returns the Axes.
+
+        With ``savefig=True`` the figure is saved as ``save_path/<title>.png``
+        (``save_path`` may also name a ``.png``/``.pdf``/``.svg`` file).
+        """
+        from .results import plot_matrix
+
+        if self.result is None:
+            raise RuntimeError("Nothing to plot yet: call compute(dataloader) first.")
+        title = title or f"{self.similarity_name}: {self.sim_model1.model_name} vs {self.sim_model2.model_name}"
+        lo, hi = self.result.spec.value_range
+        ax = plot_matrix(self.result.matrix, self.result.rows, self.result.cols, title=title,
+                         xlabel=xlabel or self.sim_model2.model_name, ylabel=ylabel or self.sim_model1.model_name,
+                         value_range=(lo, hi), cmap=plot_cmap, ax=ax)
+        if savefig:
+            target = Path(save_path)
+            if target.suffix.lower() not in (".png", ".pdf", ".svg"):
+                target = target / ("_".join(title.split()).replace("/", "_").replace(":", "") + ".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ax.figure.savefig(target)
+        return ax
+
+
+class CKA(Similarity):
+    """Linear CKA (Kornblith et al. 2019); ``unbiased=True`` uses the debiased estimator."""
+
+    def __init__(self, sim_model1: SimilarityModel, sim_model2: SimilarityModel,
+                 device: str | torch.device | None = None, unbiased: bool = False, **options: Any) -> None:
+        super().__init__(sim_model1, sim_model2, device, **options)
+        self.measure = "cka_debiased" if unbiased else "cka"
+        self.similarity_name = "Debiased CKA" if unbiased else "CKA"
+
+
+class DeconfoundedCKA(Similarity):
+    """Deconfounded CKA (Cui et al. 2022), the loader's inputs being the confounder.
+
+    ``remove_negative_eig=True`` (simtorch 0.2.1's name) projects the residual
+    Grams onto the PSD cone.
+    """
+
+    measure = "dcka"
+    similarity_name = "dCKA"
+
+    def __init__(self, sim_model1: SimilarityModel, sim_model2: SimilarityModel,
+                 device: str | torch.device | None = None, remove_negative_eig: bool = False,
+                 **options: Any) -> None:
+        options.setdefault("psd", remove_negative_eig)
+        super().__init__(sim_model1, sim_model2, device, **options)
+
+
+DeltaCKA = DeconfoundedCKA
+
