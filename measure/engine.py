@@ -23,6 +23,7 @@ from extract.hooks import _glob_regex
 from extract.store import ActivationStore, StoreError
 
 from ._checks import MeasureError
+from .cache import StatisticsCache
 from .functional.dcka import confounder_gram
 from .registry import MeasureSpec, get_measure
 from .statistics import DEFAULT_MEMORY_BUDGET, layer_features, layer_gram, layer_gram_blocks
@@ -120,6 +121,7 @@ class Engine:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         undefined: Literal["raise", "nan"] = "raise",
         progress: Callable[[str], None] | None = None,
+        cache: StatisticsCache | None = None,
     ) -> None:
         if not stores:
             raise MeasureError("No stores to measure; pass at least one store.")
@@ -135,15 +137,35 @@ class Engine:
         self._grams: dict[tuple[int, str], torch.Tensor] = {}
         self._confounder: torch.Tensor | None = None
         self.statistics_computed = 0  # count of per-layer statistics built (for tests and reports)
+        self.cache = cache  # optional persistent StatisticsCache consulted before computing (measure.cache)
 
     # ------------------------------------------------------------------ statistics
     def gram(self, s: int, layer: str) -> torch.Tensor:
         key = (s, layer)
         if key not in self._grams:
-            self._grams[key] = layer_gram(self.stores[s], layer, self.device, self.memory_budget)
-            self.statistics_computed += 1
+            self._grams[key] = self._cached(self.stores[s], layer, "gram", None, lambda: layer_gram(
+                self.stores[s], layer, self.device, self.memory_budget))
             self._progress(f"gram {self.stores[s].name}/{layer}")
         return self._grams[key]
+
+    def provide_gram(self, s: int, layer: str, gram: Any) -> None:
+        """Use ``gram`` (computed elsewhere, e.g. on a dask worker) as the Gram of layer ``layer`` of store ``s``."""
+        self._grams[(s, layer)] = torch.as_tensor(gram, dtype=torch.float64).to(self.device)
+
+    def _cached(self, store: ActivationStore, layer: str | None, kind: str, options: dict[str, Any] | None,
+                compute: Callable[[], Any], count: bool = True) -> Any:
+        """The statistic from the persistent cache when it holds it, else ``compute()`` (then cached)."""
+        if self.cache is not None:
+            hit = self.cache.get(store, layer, kind, options)
+            if hit is not None:
+                value = torch.from_numpy(hit).to(self.device)
+                return list(value) if kind == "gram_blocks" else value
+        value = compute()
+        self.statistics_computed += int(count)
+        if self.cache is not None:
+            stacked = torch.stack(value) if kind == "gram_blocks" else value
+            self.cache.put(store, layer, stacked.detach().to("cpu", torch.float64).numpy(), kind, options)
+        return value
 
     def confounder(self) -> torch.Tensor:
         if self._confounder is None:
@@ -153,15 +175,17 @@ class Engine:
                     "dcka needs the inputs as its confounder, but none of the stores holds them; "
                     "re-extract one store without --no-inputs."
                 )
-            self._confounder = confounder_gram(layer_features(holder, None, self.device))
+            self._confounder = self._cached(holder, None, "confounder", None, lambda: confounder_gram(
+                layer_features(holder, None, self.device)), count=False)
         return self._confounder
 
     def _statistic(self, spec: MeasureSpec, s: int, layer: str, options: dict[str, Any]) -> Any:
         if spec.statistic == "gram":
             return self.gram(s, layer)
         if spec.statistic == "gram_blocks":
-            self.statistics_computed += 1
-            return layer_gram_blocks(self.stores[s], layer, options["batch_size"], self.device)
+            b = options["batch_size"]
+            return self._cached(self.stores[s], layer, "gram_blocks", {"batch_size": b},
+                                lambda: layer_gram_blocks(self.stores[s], layer, b, self.device))
         self.statistics_computed += 1
         return layer_features(self.stores[s], layer, self.device)
 

@@ -1,0 +1,204 @@
+"""The persistent statistics cache: reuse across runs, counted work, staleness, atomic entries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from extract.runner import extract
+from extract.store import ZarrStore
+from measure.cache import CACHE_NAME, ENTRIES, StatisticsCache, default_cache_path
+from measure.engine import Engine
+
+N = 48
+
+
+def _mlp(seed: int, width: int = 24) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, width), nn.Tanh(), nn.Linear(width, 6))
+
+
+def _data() -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).standard_normal((N, 12)).astype(np.float32))
+
+
+def make_zoo(folder: Path, seeds: list[int]) -> list[Path]:
+    paths = []
+    for seed in seeds:
+        result = extract(_mlp(seed), _data(), folder / f"m{seed}.zarr", name=f"m{seed}", layers=["0", "2"],
+                         batch_size=16, progress=False, chunk_bytes=16 * 12 * 4, device="cpu")
+        paths.append(Path(result.path))
+    return paths
+
+
+def _all_pairs(engine: Engine, measures=(("cka", {}),)):
+    n = len(engine.stores)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    return {(r.measure, r.store_a, r.store_b): r.matrix for r in engine.run(list(measures), pairs)}
+
+
+def _reference_gram(path: Path, layer: str) -> np.ndarray:
+    x = np.asarray(ZarrStore(path).read_layer(layer), dtype=np.float64).reshape(N, -1)
+    return x @ x.T
+
+
+def test_adding_one_model_computes_only_its_statistics(tmp_path):
+    paths = make_zoo(tmp_path, [0, 1, 2])
+    cache = StatisticsCache(tmp_path / "cache.zarr")
+    first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    before = _all_pairs(first)
+    assert first.statistics_computed == 3 * 2 and cache.writes == 6 and cache.hits == 0
+
+    paths += make_zoo(tmp_path, [3])
+    cache = StatisticsCache(tmp_path / "cache.zarr")
+    second = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    after = _all_pairs(second)
+    assert second.statistics_computed == 2  # the new store's two layers, nothing else
+    assert cache.hits == 6 and cache.writes == 2
+    for key, matrix in before.items():
+        np.testing.assert_allclose(after[key], matrix, rtol=0, atol=1e-12)
+    # the cached Gram is the float64 Gram of the stored activations
+    np.testing.assert_allclose(second.gram(0, "0").numpy(), _reference_gram(paths[0], "0"), rtol=1e-12, atol=1e-9)
+
+
+def test_cached_results_equal_uncached_for_several_measures(tmp_path):
+    paths = make_zoo(tmp_path, [0, 1])
+    measures = [("cka", {}), ("cka_debiased", {}), ("dcka", {}), ("cka_minibatch", {"batch_size": 16})]
+    plain = _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu"), measures)
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache), measures)
+    warm_engine = Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
+    warm = _all_pairs(warm_engine, measures)
+    assert warm_engine.statistics_computed == 0
+    for key, matrix in plain.items():
+        np.testing.assert_allclose(warm[key], matrix, rtol=0, atol=1e-12)
+
+
+def test_options_that_change_the_statistic_are_part_of_the_key(tmp_path):
+    paths = make_zoo(tmp_path, [0])
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    engine = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    engine.run([("cka_minibatch", {"batch_size": 16})], [(0, 0)])
+    engine.run([("cka_minibatch", {"batch_size": 8})], [(0, 0)])
+    assert engine.statistics_computed == 4 and cache.writes == 4
+    store = ZarrStore(paths[0])
+    assert cache.key(store, "0", "gram_blocks", {"batch_size": 16}) != cache.key(store, "0", "gram_blocks",
+                                                                                  {"batch_size": 8})
+
+
+def test_rewritten_store_invalidates_its_entries(tmp_path):
+    paths = make_zoo(tmp_path, [0, 1])
+    cache_path = tmp_path / "c.zarr"
+    _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(cache_path)))
+    old_keys = set(StatisticsCache(cache_path).entries())
+    # rewrite m1 in place with other weights (same name, same data)
+    extract(_mlp(99), _data(), paths[1], name="m1", layers=["0", "2"], batch_size=16, progress=False,
+            chunk_bytes=16 * 12 * 4, device="cpu", force=True)
+    cache = StatisticsCache(cache_path)
+    engine = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    result = _all_pairs(engine)
+    assert engine.statistics_computed == 2 and cache.hits == 2
+    new_keys = set(cache.entries())
+    assert len(old_keys - new_keys) == 2  # the stale entries of the old m1 were deleted
+    fresh = _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu"))
+    for key, matrix in fresh.items():
+        np.testing.assert_allclose(result[key], matrix, rtol=0, atol=1e-12)
+
+
+def test_incomplete_or_damaged_entry_is_never_used(tmp_path):
+    paths = make_zoo(tmp_path, [0])
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    store = ZarrStore(paths[0])
+    good = _reference_gram(paths[0], "0")
+    cache.put(store, "0", good)
+    key = cache.key(store, "0")
+    # a run killed between writing and marking complete
+    import zarr
+
+    array = zarr.open_group(str(tmp_path / "c.zarr"))[f"{ENTRIES}/{key}"]
+    attrs = dict(array.attrs["simtorch_cache"])
+    array.attrs["simtorch_cache"] = {**attrs, "complete": False}
+    assert StatisticsCache(tmp_path / "c.zarr").get(store, "0") is None
+    # complete but with bytes that do not match the recorded digest
+    array.attrs["simtorch_cache"] = attrs
+    array[0, 0] = good[0, 0] + 1.0
+    assert StatisticsCache(tmp_path / "c.zarr").get(store, "0") is None
+    # an engine recomputes and repairs the entry
+    engine = Engine([store], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
+    np.testing.assert_allclose(engine.gram(0, "0").numpy(), good, rtol=1e-12, atol=1e-9)
+    assert engine.statistics_computed == 1
+    np.testing.assert_array_equal(StatisticsCache(tmp_path / "c.zarr").get(store, "0"), engine.gram(0, "0").numpy())
+
+
+def test_killed_writer_leaves_no_reusable_entry(tmp_path):
+    """A process killed inside put (after the data, before the completion mark) leaves a miss."""
+    paths = make_zoo(tmp_path, [0])
+    script = f"""
+import os, numpy as np
+from extract.store import ZarrStore
+from measure.cache import StatisticsCache
+cache = StatisticsCache({str(tmp_path / 'c.zarr')!r})
+store = ZarrStore({str(paths[0])!r})
+import zarr
+original = zarr.Array.__setitem__
+def die_after_data(self, key, value):
+    original(self, key, value)
+    os._exit(9)
+zarr.Array.__setitem__ = die_after_data
+cache.put(store, "0", np.ones((48, 48)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    assert len(cache.entries()) == 1 and not next(iter(cache.entries().values()))["complete"]
+    assert cache.get(ZarrStore(paths[0]), "0") is None
+
+
+def test_default_cache_path_is_beside_the_stores():
+    assert default_cache_path(["/a/zoo/m.zarr"]) == f"/a/zoo/{CACHE_NAME}"
+    assert default_cache_path(["s3://bucket/zoo/m.zarr"]) == f"s3://bucket/zoo/{CACHE_NAME}"
+
+
+def test_cli_measure_reuses_the_cache_and_skips_it_in_store_folders(tmp_path, capsys):
+    from pipeline import main
+
+    make_zoo(tmp_path / "zoo", [0, 1])
+    out = tmp_path / "res"
+    args = ["measure", str(tmp_path / "zoo"), "--measures", "cka", "--out", str(out), "--no-plots", "--quiet"]
+    assert main(args) == 0
+    assert (tmp_path / "zoo" / CACHE_NAME).is_dir()
+    first = (out / "manifest.json").read_text()
+    make_zoo(tmp_path / "zoo", [2])
+    assert main(args) == 0  # the cache folder inside zoo/ is not mistaken for a store
+    cache = StatisticsCache(tmp_path / "zoo" / CACHE_NAME)
+    assert len(cache.entries()) == 6
+    assert "m2" in (out / "manifest.json").read_text() and "m2" not in first
+    other = tmp_path / "elsewhere.zarr"
+    assert main(args + ["--cache", str(other)]) == 0 and len(StatisticsCache(other).entries()) == 6
+    capsys.readouterr()
+
+
+def test_cli_no_cache_writes_nothing(tmp_path, capsys):
+    from pipeline import main
+
+    make_zoo(tmp_path / "zoo", [0])
+    assert main(["measure", str(tmp_path / "zoo"), "--measures", "cka", "--out", str(tmp_path / "r"),
+                 "--no-plots", "--quiet", "--no-cache"]) == 0
+    assert not (tmp_path / "zoo" / CACHE_NAME).exists()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("bad", ["not json", "[1, 2]"])
+def test_cli_bad_storage_options_is_one_line_error(tmp_path, capsys, bad):
+    from pipeline import main
+
+    make_zoo(tmp_path / "zoo", [0])
+    code = main(["measure", str(tmp_path / "zoo"), "--storage-options", bad, "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: ") and "--storage-options" in err and "Traceback" not in err
