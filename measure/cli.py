@@ -6,12 +6,16 @@ import argparse
 import glob
 import itertools
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from extract.remote import is_url, parse_storage_options, upload_folder
 from extract.store import ZarrStore
 
 from ._checks import MeasureError
+from .cache import StatisticsCache, default_cache_path
+from .distributed import compute_grams, dask_client
 from .engine import Engine
 from .registry import MEASURES, get_measure
 from .results import write_results
@@ -48,6 +52,16 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
     parser.add_argument("--list-measures", action="store_true", help="print the measures and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    scale = parser.add_argument_group("scaling out (zoos, cache, dask, remote stores)")
+    scale.add_argument("--cache", default=None, metavar="DIR",
+                       help="statistics cache (Zarr group, path or URL; default STORES_FOLDER/.simtorch-cache.zarr)")
+    scale.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
+    scale.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="compute per-layer statistics on a local dask cluster of N worker processes")
+    scale.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="'threads' (dask's local threaded scheduler) or tcp://host:port of a running cluster")
+    scale.add_argument("--storage-options", default=None, metavar="JSON",
+                       help="fsspec options for URL stores, e.g. '{\"anon\": false}' (credentials: AWS_* env vars)")
 
 
 def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
@@ -70,23 +84,33 @@ def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def find_stores(specs: list[str]) -> list[Path]:
-    """Store paths from explicit paths, folders holding ``*.zarr`` stores, and globs."""
+def find_stores(specs: list[str], storage_options: dict[str, Any] | None = None) -> list[Path]:
+    """Store paths from explicit paths, folders holding ``*.zarr`` stores, and globs (URLs too: str entries)."""
+    from extract.remote import find_stores as find_url_stores
+    from extract.remote import is_url
+
     specs = specs or [str(DEFAULT_STORES)]
     found: list[Path] = []
+    urls: list[str] = []
     for spec in specs:
         path = Path(spec)
-        if path.is_dir() and path.suffix != ".zarr" and not (path / "zarr.json").exists():
-            found.extend(sorted(p for p in path.glob("*.zarr") if p.is_dir()))
+        if is_url(spec):
+            got = find_url_stores(spec, storage_options)
+            if not got:
+                raise MeasureError(f"No store at {spec}; check the URL and credentials (AWS_* variables or "
+                                   "--storage-options).")
+            urls.extend(got)
+        elif path.is_dir() and path.suffix != ".zarr" and not (path / "zarr.json").exists():
+            found.extend(sorted(p for p in path.glob("*.zarr") if p.is_dir() and not p.name.startswith(".")))
         elif any(c in spec for c in "*?["):
             found.extend(sorted(Path(p) for p in glob.glob(spec)))
         else:
             if not path.exists():
                 raise MeasureError(f"No store at {spec}; check the path (stores are written by `pipeline.py extract`).")
             found.append(path)
-    if not found:
+    if not found and not urls:
         raise MeasureError(f"No stores found in {specs}; run `python pipeline.py extract` first.")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    unique = list(dict.fromkeys([*(p.resolve() for p in found), *urls]))
     return unique
 
 
@@ -109,8 +133,9 @@ def run_measure(args: argparse.Namespace) -> int:
     measures = [parse_measure(m) for m in (args.measures or DEFAULT_MEASURES)]
     for name, options in measures:
         get_measure(name).resolve_options(options)  # fail before any work
-    paths = find_stores(args.stores)
-    stores = [ZarrStore(p, read_only=True) for p in paths]
+    storage_options = parse_storage_options(getattr(args, "storage_options", None))
+    paths = find_stores(args.stores, storage_options)
+    stores = [ZarrStore(p, read_only=True, storage_options=storage_options) for p in paths]
     names = [s.name for s in stores]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -125,23 +150,39 @@ def run_measure(args: argparse.Namespace) -> int:
             bar.update(1)
         bar.set_postfix_str(message[-40:])
 
+    cache = None
+    if not getattr(args, "no_cache", False):
+        cache = StatisticsCache(getattr(args, "cache", None) or default_cache_path([str(p) for p in paths]),
+                                storage_options=storage_options)
     engine = Engine(stores, device=args.device, layers=args.layers,
-                    memory_budget=int(args.memory_budget * 2**30), undefined=args.undefined, progress=progress)
+                    memory_budget=int(args.memory_budget * 2**30), undefined=args.undefined, progress=progress,
+                    cache=cache)
     results = []
     try:
+        with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
+            if client is not None or getattr(args, "scheduler", None) == "threads":
+                compute_grams(engine, measures, client=client, storage_options=storage_options, device=args.device)
         for name, options in measures:
             pairs = store_pairs(n_stores, get_measure(name).symmetric)
             results.extend(engine.run([(name, options)], pairs))
     finally:
         bar.close()
-    out = Path(args.out or DEFAULT_OUT)
+    out_url = str(args.out) if args.out and is_url(args.out) else None
+    staging = tempfile.TemporaryDirectory(prefix="simtorch-results-") if out_url else None
+    out = Path(staging.name) if staging else Path(args.out or DEFAULT_OUT)
     store_meta = {s.name: {"path": str(p), "fingerprint": s.info.fingerprint, "n_samples": s.n_samples,
                            "layers": engine.layers[i], "weights_digest": s.info.weights_digest}
                   for i, (s, p) in enumerate(zip(stores, paths))}
     manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
                              plots=not args.no_plots)
+    if staging is not None:  # results for a URL are written locally, then uploaded
+        upload_folder(out, out_url, storage_options)
+        manifest, out = f"{out_url.rstrip('/')}/{Path(manifest).name}", out_url
+        staging.cleanup()
     if not args.quiet:
         _print_summary(results)
+    if cache is not None and not args.quiet:
+        print(f"statistics: {engine.statistics_computed} computed, {cache.hits} reused from {cache.path}")
     print(f"wrote {len(results)} result(s) to {out}/ (manifest {manifest})")
     return 0
 

@@ -1,0 +1,127 @@
+"""Per-layer statistics as dask tasks: a threaded local scheduler or a ``dask.distributed`` cluster.
+
+The expensive part of a measure run is one statistic per (store, layer) — for
+the Gram route K = X Xᵀ, O(n² p) — and the pairs are cheap reductions over
+those statistics. ``compute_grams`` turns every Gram the engine will need, and
+the persistent cache does not already hold, into one task
+``_gram_task(path, layer, ...)``: the task opens the store *by path or URL on
+the worker*, chooses its device there (CUDA when the worker has one), streams
+the layer with the same ``layer_gram`` the local path uses, and returns the
+float64 Gram as a NumPy array. The driver then hands the Grams to the engine
+(and writes them to the cache, so there is a single writer), and the pairs are
+reduced locally exactly as without dask, so results are identical.
+
+Schedulers: ``scheduler="threads"`` (dask's local threaded scheduler),
+``workers=N`` (a ``LocalCluster`` of N single-threaded worker processes
+started and stopped here), or ``scheduler="tcp://host:port"`` (an existing
+cluster; its workers must be able to import simtorch and read the stores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from ._checks import MeasureError
+from .engine import Engine, default_device
+from .registry import get_measure
+from .statistics import layer_gram
+
+__all__ = ["compute_grams", "dask_client"]
+
+
+@contextmanager
+def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``workers``/``scheduler`` (closed on exit), or None for local work.
+
+    ``scheduler`` may be None or "threads" (no client: dask's threaded scheduler is used
+    by ``compute_grams``), or a ``tcp://host:port`` address of a running scheduler.
+    """
+    if workers is not None and scheduler not in (None, "threads"):
+        raise MeasureError("Pass either --workers N (a local cluster) or --scheduler ADDRESS, not both.")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise MeasureError(f"--workers must be a positive integer, got {workers!r}.")
+    if workers is None and scheduler in (None, "threads"):
+        yield None
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise MeasureError("--workers/--scheduler need dask.distributed; install it with "
+                           "`pip install 'simtorch[distributed]'`.") from exc
+    if workers is not None:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                yield client
+        return
+    if "://" not in str(scheduler):
+        raise MeasureError(f"--scheduler must be 'threads' or a scheduler address such as tcp://host:8786, "
+                           f"got {scheduler!r}.")
+    try:
+        client = Client(scheduler, timeout="20s")
+    except OSError as exc:
+        raise MeasureError(f"Could not connect to the dask scheduler at {scheduler} ({exc}); start it with "
+                           "`dask scheduler` (and workers with `dask worker ADDRESS`), or drop --scheduler.") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _gram_task(path: str, layer: str, storage_options: dict[str, Any] | None, memory_budget: int,
+               device: str | None) -> np.ndarray:
+    """Runs on a worker: open the store by path/URL, pick the worker's device, return K = X Xᵀ (float64)."""
+    from extract.store import open_store
+
+    store = open_store(path, read_only=True, storage_options=storage_options)
+    gram = layer_gram(store, layer, default_device(device), memory_budget)
+    return gram.to("cpu").numpy()
+
+
+def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]], *, client: Any = None,
+                  scheduler: str | None = "threads", storage_options: dict[str, Any] | None = None,
+                  device: str | None = None, memory_budget: int | None = None) -> int:
+    """Compute, as dask tasks, every Gram of ``engine``'s stores that ``measures`` need; returns the task count.
+
+    Grams already in the engine or in its persistent cache are not recomputed.
+    Each store must have a ``path`` (a ``ZarrStore``) so that workers can open it.
+    ``device`` is passed to the workers (None: each worker picks CUDA when it has it).
+    """
+    if not any(get_measure(name).statistic == "gram" for name, _ in measures):
+        return 0
+    budget = engine.memory_budget if memory_budget is None else memory_budget
+    todo: list[tuple[int, str, str]] = []
+    for s, store in enumerate(engine.stores):
+        path = getattr(store, "path", None)
+        if path is None:
+            raise MeasureError(f"{store} has no path; dask workers can only open stores on disk or at a URL.")
+        for layer in engine.layers[s]:
+            if (s, layer) in engine._grams:
+                continue
+            if engine.cache is not None:
+                hit = engine.cache.get(store, layer, "gram")
+                if hit is not None:
+                    engine.provide_gram(s, layer, hit)
+                    continue
+            todo.append((s, layer, str(path)))
+    if not todo:
+        return 0
+    args = [(path, layer, storage_options, budget, device) for _, layer, path in todo]
+    if client is not None:
+        futures = [client.submit(_gram_task, *a, pure=False) for a in args]
+        grams = client.gather(futures)
+    else:
+        import dask
+
+        tasks = [dask.delayed(_gram_task, pure=False)(*a) for a in args]
+        grams = dask.compute(*tasks, scheduler=scheduler or "threads")
+    for (s, layer, _), gram in zip(todo, grams):
+        engine.provide_gram(s, layer, gram)
+        engine.statistics_computed += 1
+        if engine.cache is not None:
+            engine.cache.put(engine.stores[s], layer, np.asarray(gram, dtype=np.float64), "gram")
+    return len(todo)
+
