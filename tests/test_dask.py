@@ -1,0 +1,121 @@
+"""dask: per-layer Grams as tasks on a threaded scheduler and on a real LocalCluster of worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from extract.runner import extract
+from extract.store import ZarrStore
+from measure.cache import StatisticsCache
+from measure.distributed import compute_grams, dask_client
+from measure.engine import Engine
+
+N = 48
+
+
+def make_zoo(folder: Path, seeds: list[int]) -> list[Path]:
+    """Small MLP stores of the same 48 random inputs (two captured layers each)."""
+    data = torch.from_numpy(np.random.default_rng(0).standard_normal((N, 12)).astype(np.float32))
+    paths = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 6))
+        result = extract(model, data, folder / f"m{seed}.zarr", name=f"m{seed}", layers=["0", "2"],
+                         batch_size=16, progress=False, chunk_bytes=16 * 12 * 4, device="cpu")
+        paths.append(Path(result.path))
+    return paths
+
+distributed = pytest.importorskip("distributed")
+
+MEASURES = [("cka", {}), ("cka_debiased", {}), ("dcka", {})]
+
+
+def _matrices(engine: Engine) -> dict:
+    n = len(engine.stores)
+    pairs = [(i, j) for i in range(n) for j in range(n)]
+    return {(r.measure, r.store_a, r.store_b): r.matrix for r in engine.run(MEASURES, pairs)}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    paths = make_zoo(folder, [0, 1, 2])
+    local = _matrices(Engine([ZarrStore(p) for p in paths], device="cpu"))
+    return paths, local
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, matrix in want.items():
+        np.testing.assert_allclose(got[key], matrix, rtol=0, atol=1e-12, err_msg=str(key))
+
+
+def test_threaded_scheduler_equals_local(zoo):
+    paths, local = zoo
+    engine = Engine([ZarrStore(p) for p in paths], device="cpu")
+    assert compute_grams(engine, MEASURES, scheduler="threads") == 3 * 2
+    assert engine.statistics_computed == 6
+    _assert_same(_matrices(engine), local)
+    assert engine.statistics_computed == 6  # the pairs used the task results, computed nothing more
+
+
+@pytest.mark.slow
+def test_local_cluster_of_two_processes_equals_local(zoo, tmp_path):
+    paths, local = zoo
+    with dask_client(workers=2) as client:
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 2
+        assert len({w["id"] for w in workers.values()}) == 2
+        cache = StatisticsCache(tmp_path / "c.zarr")
+        engine = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+        assert compute_grams(engine, MEASURES, client=client) == 6
+        # the tasks really ran in the worker processes
+        import os
+
+        pids = set(client.run(os.getpid).values())
+        assert os.getpid() not in pids and len(pids) == 2
+        _assert_same(_matrices(engine), local)
+        assert cache.writes == 6 + 1  # six Grams and the confounder Gram of dcka
+        # a second engine gets everything from the cache, submitting no task
+        again = Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
+        assert compute_grams(again, MEASURES, client=client) == 0
+        _assert_same(_matrices(again), local)
+
+
+@pytest.mark.slow
+def test_existing_cluster_by_address_and_cli(zoo, tmp_path, capsys):
+    from distributed import LocalCluster
+
+    from pipeline import main
+
+    paths, local = zoo
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with dask_client(scheduler=cluster.scheduler_address) as client:
+            engine = Engine([ZarrStore(p) for p in paths], device="cpu")
+            compute_grams(engine, MEASURES, client=client)
+            _assert_same(_matrices(engine), local)
+        out = tmp_path / "res"
+        code = main(["measure", *map(str, paths), "--measures", "cka", "--scheduler", cluster.scheduler_address,
+                     "--no-cache", "--no-plots", "--quiet", "--out", str(out)])
+        assert code == 0
+    from measure.results import read_matrix_csv
+
+    _, _, got = read_matrix_csv(out / "cka" / "m0__m1.csv")
+    np.testing.assert_allclose(got, local[("cka", "m0", "m1")], rtol=0, atol=1e-9)
+    capsys.readouterr()
+
+
+def test_bad_scheduler_arguments_are_clear(capsys, zoo):
+    from pipeline import main
+
+    paths, _ = zoo
+    code = main(["measure", str(paths[0]), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1", "--quiet"])
+    assert code != 0 and "not both" in capsys.readouterr().err
+    code = main(["measure", str(paths[0]), "--scheduler", "nowhere", "--quiet", "--no-cache"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error:") and "tcp://" in err
