@@ -1,0 +1,338 @@
+"""Benchmark: this project's measure stage against simtorch 0.2.1, same models, data and batches.
+
+    .venv/bin/python benchmarks/bench_measure.py                 # n=2048, batch 256, width 32, CPU
+    .venv/bin/python benchmarks/bench_measure.py --quick         # a 30-second smoke run
+    .venv/bin/python benchmarks/bench_measure.py --device cuda   # on a GPU (both tools)
+
+simtorch 0.2.1 is installed from PyPI into its own virtual environment (``.bench/simtorch021-venv``
+by default: torch pinned to this venv's torch version first, then its light dependencies, then
+``simtorch==0.2.1 --no-deps``, so pip never swaps torch for another build) and run in a subprocess of
+that venv (``_simtorch021_runner.py``). Models (state dicts), inputs (a ``.pt`` tensor) and the model
+definition (``bench_measure_models.py``, pure torch) are shared through files.
+
+Rows of the table:
+
+* simtorch 0.2.1 ``CKA.compute(loader)``: per batch of ``b`` samples, biased linear CKA of every layer
+  pair (one Gram per pair, centred with O(b³) products), summed over batches and divided by the number
+  of layers of model 1 (``len(batch_cka_matrix)``) instead of the number of batches.
+* (a) ``extract.extract`` of both models into Zarr stores, then ``measure.engine.Engine`` with the exact
+  ``cka`` (biased HSIC over all n samples, Kornblith et al. 2019).
+* (b) the Engine alone on the stores written in (a), with ``cka_minibatch(batch_size=b)`` — Nguyen,
+  Raghu & Kornblith (2021): unbiased HSIC summed over the same consecutive batches simtorch uses.
+* (c) the in-memory ``measure.CKA(...).compute(loader)`` (exact ``cka``).
+* A check, not timed: the mean of per-batch *biased* CKA computed by our kernels over the same
+  batches, which must equal simtorch's matrix × L1 / n_batches (proves same models, data and batches).
+* Gram throughput: ``measure.statistics.layer_gram`` on the widest layer of a store against a plain
+  ``torch.matmul(X, X.T)`` of the same (n, p) float64 matrix, in GFLOP/s (2·n²·p flops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from bench_measure_models import LAYERS, WideCNN, layer_widths, make_inputs  # noqa: E402
+
+DEFAULT_VENV = ROOT / ".bench" / "simtorch021-venv"
+SIMTORCH_DEPS = ["numpy", "matplotlib", "seaborn", "tqdm"]
+
+
+class BenchError(RuntimeError):
+    """A set-up step failed; the message says which and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- simtorch 0.2.1 venv
+def _venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _has_simtorch021(python: Path) -> bool:
+    if not python.exists():
+        return False
+    probe = "from simtorch.version import VERSION; import torch; assert VERSION == '0.2.1'"
+    return subprocess.run([str(python), "-c", probe], capture_output=True, cwd=tempfile.gettempdir()).returncode == 0
+
+
+def ensure_simtorch_venv(venv: Path, torch_spec: str, log: Callable[[str], None] = print) -> Path:
+    """The python of a venv holding simtorch 0.2.1 and ``torch_spec``, creating it when missing.
+
+    torch is installed first and explicitly (``torch_spec``, e.g. ``torch==2.13.0``) and simtorch with
+    ``--no-deps``: simtorch's bare ``torch`` requirement would otherwise let pip choose a build.
+    """
+    python = _venv_python(venv)
+    if _has_simtorch021(python):
+        return python
+    log(f"installing simtorch 0.2.1 into {venv} (one time)")
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", torch_spec, *SIMTORCH_DEPS],
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "simtorch==0.2.1"],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode:
+            raise BenchError(f"`{' '.join(step)}` failed:\n{done.stderr.strip()[-2000:]}\n"
+                             f"Fix the cause (network, --torch-spec) or delete {venv} and retry.")
+    if not _has_simtorch021(python):
+        raise BenchError(f"{venv} was set up but `import simtorch` (0.2.1) fails there; delete it and retry.")
+    return python
+
+
+def run_simtorch(python: Path, work: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Run ``_simtorch021_runner.py`` in the simtorch venv on ``job``; its JSON result."""
+    job = dict(job, out=str(work / "simtorch021.json"))
+    job_path = work / "simtorch021-job.json"
+    job_path.write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    done = subprocess.run([str(python), str(HERE / "_simtorch021_runner.py"), str(job_path)], cwd=work, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise BenchError(f"simtorch 0.2.1 run failed:\n{done.stderr.strip()[-3000:]}")
+    return json.loads(Path(job["out"]).read_text())
+
+
+# ----------------------------------------------------------------------------- our side
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(result, wall seconds), with the device synchronised on both ends."""
+    _sync(device)
+    started = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - started
+
+
+def open_stores(paths: list[Path]) -> list[Any]:
+    from extract.store import open_store
+
+    return [open_store(p) for p in paths]
+
+
+def engine_matrix(paths: list[Path], measure: str, options: dict[str, Any], device: torch.device) -> np.ndarray:
+    """Open the stores afresh and run one measure on the pair (0, 1) with the Engine (no statistics cache)."""
+    from measure.engine import Engine
+
+    engine = Engine(open_stores(paths), device=device)
+    return engine.run([(measure, options)], [(0, 1)])[0].matrix
+
+
+def batch_mean_biased_cka(paths: list[Path], batch_size: int, device: torch.device) -> np.ndarray:
+    """Mean over consecutive batches of the per-batch biased linear CKA matrix — what simtorch means to report."""
+    from measure.functional._bilinear import bilinear_matrix
+    from measure.functional.cka import _cka_prepare
+    from measure.statistics import layer_gram_blocks
+
+    stores = open_stores(paths)
+    per_store = [[[_cka_prepare(g) for g in layer_gram_blocks(s, layer, batch_size, device)] for layer in LAYERS]
+                 for s in stores]
+    n_batches = len(per_store[0][0])
+    total = sum(bilinear_matrix([lay[t] for lay in per_store[0]], [lay[t] for lay in per_store[1]])
+                for t in range(n_batches))
+    return (total / n_batches).cpu().numpy()
+
+
+def gram_throughput(path: Path, layer: str, device: torch.device) -> dict[str, float]:
+    """Seconds and GFLOP/s of ``layer_gram`` on a store vs ``torch.matmul`` of the same float64 (n, p) matrix."""
+    from measure.statistics import layer_features, layer_gram
+
+    store = open_stores([path])[0]
+    n, p = store.n_samples, int(np.prod(store.layer_shape(layer)))
+    flops = 2.0 * n * n * p
+    gram, t_ours = timed(lambda: layer_gram(store, layer, device), device)
+    x = layer_features(store, layer, device)  # float64 (n, p), already on the device
+    ref, t_ref = timed(lambda: torch.matmul(x, x.T), device)
+    assert torch.allclose(gram, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "layer_gram != X Xᵀ"
+    return {"n": n, "p": p, "ours_s": t_ours, "ref_s": t_ref, "ours_gflops": flops / t_ours / 1e9,
+            "ref_gflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours}
+
+
+# ----------------------------------------------------------------------------- the run
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-samples", type=int, default=2048, help="inputs (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=256, help="simtorch's batches = our minibatches (256)")
+    parser.add_argument("--width", type=int, default=32,
+                        help="conv channels: act1/act2 have width×32×32 features per sample (default 32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in both processes")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"simtorch 0.2.1 venv (default {DEFAULT_VENV})")
+    parser.add_argument("--torch-spec", default=f"torch=={torch.__version__.split('+')[0]}",
+                        help="torch requirement for the simtorch venv (default: this venv's version)")
+    parser.add_argument("--skip-simtorch", action="store_true", help="only our rows (no venv needed)")
+    parser.add_argument("--skip-inmemory", action="store_true", help="skip row (c)")
+    parser.add_argument("--quick", action="store_true", help="n=512, batch 128, width 8: a smoke run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep models/stores here (default: temp, removed)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n_samples, args.batch_size, args.width = 512, 128, 8
+    if not 4 <= args.batch_size <= args.n_samples:
+        parser.error(f"--batch-size must be between 4 and --n-samples ({args.n_samples}), got {args.batch_size}")
+    return args
+
+
+def _row(what: str, seconds: float | None, reference: float | None, value: float | None, note: str = "") -> dict:
+    speedup = reference / seconds if (seconds and reference) else None
+    return {"what": what, "seconds": seconds, "speedup": speedup, "value": value, "note": note}
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table: what, seconds, speed-up vs simtorch, value of layer pair (0, 0), note."""
+    lines = ["| what | seconds | × vs simtorch | CKA (act1, act1) | note |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        sec = f"{r['seconds']:.2f}" if r["seconds"] is not None else "—"
+        spd = f"{r['speedup']:.2f}×" if r["speedup"] is not None else "—"
+        val = f"{r['value']:.6f}" if r["value"] is not None else "—"
+        lines.append(f"| {r['what']} | {sec} | {spd} | {val} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from extract import SimilarityModel, extract
+    from measure import CKA
+    from measure.engine import default_device
+
+    device = default_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, b = args.n_samples, args.batch_size
+    widths = layer_widths(args.width)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_measure_"))
+    work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    log(f"n={n}, batch={b}, width={args.width} (features per sample {widths}), device={device}, "
+        f"torch threads={torch.get_num_threads()}, load average {load_start[0]:.2f}; work in {work}")
+    try:
+        inputs = make_inputs(n)
+        models = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            models.append(WideCNN(args.width).eval())
+        torch.save(inputs, work / "inputs.pt")
+        for i, m in enumerate(models):
+            torch.save(m.state_dict(), work / f"model{i}.pt")
+        rows: list[dict] = []
+        results: dict[str, Any] = {"n_samples": n, "batch_size": b, "width": args.width, "device": str(device),
+                                   "layer_widths": widths, "threads": torch.get_num_threads(),
+                                   "loadavg_start": load_start}
+
+        t_sim = None
+        if not args.skip_simtorch:
+            python = ensure_simtorch_venv(args.venv, args.torch_spec, log)
+            log("simtorch 0.2.1 CKA.compute ...")
+            sim = run_simtorch(python, work, {
+                "inputs": str(work / "inputs.pt"), "state_dicts": [str(work / f"model{i}.pt") for i in (0, 1)],
+                "width": args.width, "batch_size": b, "device": str(device), "threads": args.threads})
+            if sim["layers"] != [LAYERS, LAYERS]:
+                raise BenchError(f"simtorch captured layers {sim['layers']}, expected {LAYERS} twice.")
+            t_sim, raw = sim["seconds"], np.array(sim["matrix"])
+            n_batches = sim["n_batches"]
+            rescaled = raw * len(LAYERS) / n_batches
+            results["simtorch"] = sim
+            rows.append(_row(f"simtorch 0.2.1 `CKA.compute` (b={b}, {n_batches} batches)", t_sim, t_sim, raw[0, 0],
+                             f"raw output = Σ per-batch CKA / {len(LAYERS)} layers; ×{len(LAYERS)}/{n_batches} "
+                             f"→ batch mean {rescaled[0, 0]:.6f}"))
+
+        log("(a) extract + measure (exact cka) ...")
+        paths = [work / f"model{i}.zarr" for i in (0, 1)]
+
+        def do_extract() -> None:
+            for i, m in enumerate(models):
+                extract(SimilarityModel(m, f"model{i}", list(LAYERS)), inputs, paths[i], batch_size=b,
+                        device=device, force=True, progress=False)
+
+        _, t_extract = timed(do_extract, device)
+        exact, t_exact = timed(lambda: engine_matrix(paths, "cka", {}, device), device)
+        rows.append(_row("(a) our extract + measure, exact `cka` over all n", t_extract + t_exact, t_sim,
+                         exact[0, 0], f"extract {t_extract:.2f} s + measure {t_exact:.2f} s"))
+
+        log("(b) measure alone from the stores (cka_minibatch) ...")
+        mb, t_mb = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device), device)
+        rows.append(_row(f"(b) our measure from stores, `cka_minibatch(batch_size={b})`", t_mb, t_sim, mb[0, 0],
+                         f"mean abs diff vs exact {np.abs(mb - exact).mean():.4f}"))
+        rows.append(_row("(a′) our extract + measure, `cka_minibatch` = extract of (a) + (b)", t_extract + t_mb,
+                         t_sim, mb[0, 0], "same estimator and batches as (b)"))
+        rows.append(_row("(b′) our measure from stores, exact `cka` = measure part of (a)", t_exact, t_sim,
+                         exact[0, 0], ""))
+
+        if not args.skip_inmemory:
+            log("(c) in-memory CKA.compute (exact cka) ...")
+            loader = DataLoader(TensorDataset(inputs), batch_size=b, shuffle=False)
+            sims = [SimilarityModel(m, f"model{i}", list(LAYERS)) for i, m in enumerate(models)]
+            mem, t_mem = timed(lambda: CKA(sims[0], sims[1], device=device).compute(loader), device)
+            rows.append(_row("(c) our in-memory `measure.CKA(...).compute(loader)`, exact", t_mem, t_sim, mem[0, 0],
+                             f"max abs diff vs (a) {np.abs(mem - exact).max():.1e}"))
+            results["inmemory_matrix"] = mem.tolist()
+
+        log("check: our mean of per-batch biased CKA (not timed) ...")
+        check = batch_mean_biased_cka(paths, b, device)
+        note = ""
+        if t_sim is not None:
+            note = f"max abs diff vs simtorch ×{len(LAYERS)}/{n_batches}: {np.abs(check - rescaled).max():.1e}"
+        rows.append(_row("check (not timed): our mean of per-batch biased CKA, same batches", None, None,
+                         check[0, 0], note))
+
+        widest = max(LAYERS, key=lambda k: widths[k])
+        log(f"Gram throughput on {widest} ...")
+        g = gram_throughput(paths[0], widest, device)
+        rows.append(_row(f"`layer_gram` on a store, {widest} ({g['n']}×{g['p']}, float64)", g["ours_s"], None, None,
+                         f"{g['ours_gflops']:.1f} GFLOP/s = {100 * g['ratio']:.0f} % of torch.matmul"))
+        rows.append(_row("`torch.matmul(X, X.T)`, same shape and dtype, in memory", g["ref_s"], None, None,
+                         f"{g['ref_gflops']:.1f} GFLOP/s"))
+        flops_exact = 2 * 2.0 * n * n * sum(widths.values())
+        flops_mb = 2 * 2.0 * (n // b) * b * b * sum(widths.values())
+        results.update(exact_matrix=exact.tolist(), minibatch_matrix=mb.tolist(), batch_mean_matrix=check.tolist(),
+                       gram=g, seconds={"extract": t_extract, "measure_exact": t_exact, "measure_minibatch": t_mb},
+                       gflops={"measure_exact": flops_exact / t_exact / 1e9,
+                               "measure_minibatch": flops_mb / t_mb / 1e9},
+                       loadavg_end=os.getloadavg(), rows=rows)
+        return results
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (BenchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(results["rows"]))
+    gf = results["gflops"]
+    print(f"\nGram work of the whole measure stage: exact {gf['measure_exact']:.1f} GFLOP/s, "
+          f"minibatch {gf['measure_minibatch']:.1f} GFLOP/s (2·n²·p per layer, both models; reads included).")
+    print(f"Load average: {results['loadavg_start'][0]:.2f} at start, {results['loadavg_end'][0]:.2f} at end "
+          f"({os.cpu_count()} CPUs); torch threads {results['threads']}; device {results['device']}.")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
