@@ -20,13 +20,22 @@ import numpy as np
 import torch
 
 from extract.hooks import _glob_regex
+from extract.reductions import check_reductions, reduce_store
 from extract.store import ActivationStore, StoreError
 
 from ._checks import MeasureError
+from .accumulators.cka import choose_route
 from .cache import StatisticsCache
 from .functional.dcka import confounder_gram
 from .registry import MeasureSpec, get_measure
-from .statistics import DEFAULT_MEMORY_BUDGET, layer_features, layer_gram, layer_gram_blocks
+from .statistics import (
+    DEFAULT_MEMORY_BUDGET,
+    layer_features,
+    layer_gram,
+    layer_gram_blocks,
+    layer_moments,
+    layer_widths,
+)
 
 __all__ = ["Engine", "PairResult", "check_comparable", "default_device", "select_layers"]
 
@@ -110,6 +119,13 @@ class Engine:
         Undefined values (constant layers...) raise, or become NaN with a warning.
     progress : callable(str), optional
         Called with a short description after each unit of work.
+    reduce : str, list of str or dict, optional
+        Measurement-time per-layer reductions (``extract.reductions``):
+        ``"gap"``, ``["block*=pool2"]``, ``"mean"``... applied as layers are
+        read; stores are otherwise read with the reductions they record.
+    mixed_reductions : bool, default=False
+        Compare a layer with the same-named layer of another store even when
+        their reductions differ (with a warning); refused by default.
     """
 
     def __init__(
@@ -122,20 +138,26 @@ class Engine:
         undefined: Literal["raise", "nan"] = "raise",
         progress: Callable[[str], None] | None = None,
         cache: StatisticsCache | None = None,
+        reduce: Any = None,
+        mixed_reductions: bool = False,
     ) -> None:
         if not stores:
             raise MeasureError("No stores to measure; pass at least one store.")
-        self.stores = list(stores)
+        self.stores = [reduce_store(s, reduce) for s in stores]
         for other in self.stores[1:]:
             check_comparable(self.stores[0], other)
         self.stores[0].require_complete()
         self.device = default_device(device)
         self.layers = [select_layers(s, layers) for s in self.stores]
+        self.mixed_reductions = check_reductions(self.stores, self.layers, allow_mixed=mixed_reductions)
+        for message in self.mixed_reductions:
+            warnings.warn(message + " (compared anyway: --mixed-reductions).", stacklevel=2)
         self.memory_budget = memory_budget
         self.undefined = undefined
         self._progress = progress or (lambda message: None)
         self._grams: dict[tuple[int, str], torch.Tensor] = {}
         self._confounder: torch.Tensor | None = None
+        self._moments: dict[tuple[int, int], dict[str, Any]] = {}  # feature-route CKA moments per store pair
         self.statistics_computed = 0  # count of per-layer statistics built (for tests and reports)
         self.cache = cache  # optional persistent StatisticsCache consulted before computing (measure.cache)
 
@@ -208,6 +230,36 @@ class Engine:
             out.append(p)
         return out
 
+    # ------------------------------------------------------------------ feature route
+    def route(self, spec: MeasureSpec, options: dict[str, Any], i: int, j: int) -> str:
+        """"gram" or "features" for ``spec`` on stores (i, j): the ``route`` option, "auto" by ``choose_route``."""
+        if not spec.feature_route:
+            return "gram"
+        widths = [layer_widths(self.stores[s], self.layers[s]) for s in (i, j)]
+        return choose_route(options.get("route", "auto"), self.stores[i].n_samples, *widths)
+
+    def _feature_matrix(self, spec: MeasureSpec, i: int, j: int) -> np.ndarray:
+        """The L_i × L_j matrix of a feature-route measure; the moments of (i, j) are streamed once per run."""
+        n = self.stores[i].n_samples
+        if spec.feature_route == "cka_debiased" and n < 4:
+            raise MeasureError(f"{spec.name} needs at least 4 samples (unbiased HSIC); the stores hold {n}.")
+        if (i, j) not in self._moments:
+            acc = layer_moments(self.stores[i], self.layers[i], self.stores[j], self.layers[j], self.device,
+                                self.memory_budget)
+            self._moments[(i, j)] = acc.compute()
+            self.statistics_computed += 1
+            self._progress(f"moments {self.stores[i].name}/{self.stores[j].name}")
+        out = self._moments[(i, j)]
+        bad_rows, bad_cols = out[f"{spec.feature_route}_undefined"]
+        for s, bad in ((i, bad_rows), (j, bad_cols)):
+            for k in bad:
+                message = (f"{spec.name} is undefined for layer {self.layers[s][k]!r} of {self.stores[s]}: its "
+                           "self-HSIC is zero (a constant layer) or negative.")
+                if self.undefined == "raise":
+                    raise MeasureError(message + " Drop the layer with --layers, or pass --undefined nan.")
+                warnings.warn(message + " Its row/column is NaN.", stacklevel=3)
+        return out[spec.feature_route].detach().to("cpu", torch.float64).numpy()
+
     # ------------------------------------------------------------------ pairs
     def run(self, measures: Iterable[tuple[str, dict[str, Any]]],
             pairs: Sequence[tuple[int, int]]) -> list[PairResult]:
@@ -218,14 +270,18 @@ class Engine:
             options = spec.resolve_options(given)
             cache: dict[int, list[Any]] = {}
             for i, j in pairs:
-                for s in (i, j):
-                    if s not in cache:
-                        cache[s] = self.prepared(spec, options, s)
-                matrix = spec.pair_matrix(cache[i], cache[j]).detach().to("cpu", torch.float64).numpy()
+                if self.route(spec, options, i, j) == "features":
+                    matrix, extras = self._feature_matrix(spec, i, j), {"route": "features"}
+                else:
+                    for s in (i, j):
+                        if s not in cache:
+                            cache[s] = self.prepared(spec, options, s)
+                    matrix = spec.pair_matrix(cache[i], cache[j]).detach().to("cpu", torch.float64).numpy()
+                    extras = _extras(cache[i], cache[j], self.layers[i], self.layers[j])
                 results.append(PairResult(
                     measure=name, options=options, store_a=self.stores[i].name, store_b=self.stores[j].name,
                     rows=list(self.layers[i]), cols=list(self.layers[j]), matrix=matrix, spec=spec,
-                    extras=_extras(cache[i], cache[j], self.layers[i], self.layers[j]),
+                    extras=extras,
                 ))
                 self._progress(f"{name} {self.stores[i].name} × {self.stores[j].name}")
             del cache

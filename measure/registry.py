@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from ._checks import MeasureError, as_samples_matrix, check_finite, check_options, check_same_samples
+from .accumulators.cka import LinearCKAMatrix, choose_route
 from .functional._bilinear import bilinear_matrix
 from .functional.cka import (
     _cka_debiased_prepare,
@@ -56,6 +57,9 @@ class MeasureSpec:
     needs_confounder : bool
         Needs the inputs (the store's ``inputs`` array or ``confounder=``).
     reference : str
+    feature_route : str, optional
+        Key of ``LinearCKAMatrix.compute()``'s output when the measure can also be computed from
+        feature moments instead of Grams (its ``route`` option chooses; see ``choose_route``).
     """
 
     name: str
@@ -68,9 +72,13 @@ class MeasureSpec:
     kind: Literal["similarity", "distance"] = "similarity"
     needs_confounder: bool = False
     reference: str = ""
+    feature_route: str | None = None
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         options = check_options(self.name, dict(given), dict(self.options))
+        if "route" in options and options["route"] not in ("auto", "gram", "features"):
+            raise MeasureError(f"Option route of {self.name!r} must be 'auto', 'gram' or 'features', "
+                               f"got {options['route']!r}.")
         missing = [k for k, v in options.items() if v is None and self.options.get(k) is None and k not in given]
         if missing:
             raise MeasureError(f"Measure {self.name!r} needs option(s) {missing}, for example {missing[0]}=256.")
@@ -163,6 +171,8 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
         check_same_samples(xm, z, ("x", "confounder"))
         check_finite(z, "confounder")
         k0 = confounder_gram(z)
+    if spec.feature_route and choose_route(opts["route"], len(xm), [xm.shape[1]], [ym.shape[1]]) == "features":
+        return _compare_features(spec, xm, ym, undefined)
     px = spec.prepare(statistic_of(spec, xm, opts), confounder=k0, **opts)
     py = spec.prepare(statistic_of(spec, ym, opts), confounder=k0, **opts)
     for label, p in (("x", px), ("y", py)):
@@ -174,8 +184,25 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
     return float(spec.pair_matrix([px], [py])[0, 0])
 
 
+def _compare_features(spec: MeasureSpec, x: torch.Tensor, y: torch.Tensor, undefined: str) -> float:
+    """``compare`` on the feature route: one ``LinearCKAMatrix`` update over all samples."""
+    if spec.feature_route == "cka_debiased" and len(x) < 4:
+        raise MeasureError(f"{spec.name} needs at least 4 samples (unbiased HSIC), got {len(x)}; measure more samples.")
+    acc = LinearCKAMatrix()
+    acc.update([x], [y])
+    out = acc.compute()
+    bad_x, bad_y = out[f"{spec.feature_route}_undefined"]
+    if bad_x or bad_y:
+        label = "x" if bad_x else "y"
+        message = f"{spec.name} is undefined for {label}: its self-HSIC is zero or negative (a constant layer?)."
+        if undefined == "raise":
+            raise MeasureError(message + " Pass undefined='nan' to get NaN instead.")
+        warnings.warn(message, stacklevel=3)
+    return float(out[spec.feature_route][0, 0])
+
+
 def _no_confounder(prepare: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(stat: Any, *, confounder: Any = None, **options: Any) -> Any:
+    def wrapped(stat: Any, *, confounder: Any = None, route: str = "gram", **options: Any) -> Any:
         return prepare(stat, **options)
 
     wrapped.__doc__ = prepare.__doc__
@@ -191,11 +218,13 @@ def _unclamped(rows, cols):
 
 
 register(MeasureSpec(
-    "cka", "gram", _no_confounder(_cka_prepare), bilinear_matrix, value_range=(0.0, 1.0),
+    "cka", "gram", _no_confounder(_cka_prepare), bilinear_matrix, options={"route": "auto"},
+    value_range=(0.0, 1.0), feature_route="cka",
     reference="Kornblith et al., ICML 2019 (linear kernel, biased HSIC)",
 ))
 register(MeasureSpec(
-    "cka_debiased", "gram", _no_confounder(_cka_debiased_prepare), _unclamped, value_range=(-1.0, 1.0),
+    "cka_debiased", "gram", _no_confounder(_cka_debiased_prepare), _unclamped, options={"route": "auto"},
+    value_range=(-1.0, 1.0), feature_route="cka_debiased",
     reference="Kornblith et al., ICML 2019 with the unbiased HSIC of Song et al., JMLR 2012",
 ))
 register(MeasureSpec(

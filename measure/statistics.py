@@ -10,7 +10,7 @@ Every block is checked for NaN/Inf on the device with one host sync.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,9 +19,17 @@ import torch
 from extract.store import ActivationStore
 
 from ._checks import check_finite
+from .accumulators.cka import LinearCKAMatrix
 from .functional.gram import linear_gram
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "iter_row_blocks", "layer_features", "layer_gram", "layer_gram_blocks"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "iter_row_blocks",
+    "layer_features",
+    "layer_gram",
+    "layer_gram_blocks",
+    "layer_moments",
+]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 features held at once
 
@@ -101,3 +109,34 @@ def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,
     for _, block in iter_row_blocks(store, layer, 0, n_full, batch_size, device):
         grams.append(linear_gram(block))
     return grams
+
+
+def layer_widths(store: ActivationStore, layers: Sequence[str]) -> list[int]:
+    """Flattened feature count of each layer."""
+    return [int(np.prod(store.layer_shape(layer), dtype=np.int64)) for layer in layers]
+
+
+def layer_moments(store_a: ActivationStore, layers_a: Sequence[str], store_b: ActivationStore,
+                  layers_b: Sequence[str], device: torch.device,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> LinearCKAMatrix:
+    """Feature-route linear CKA moments of every layer pair, streaming both stores' rows together.
+
+    Rows are read in blocks holding at most ``memory_budget`` bytes of float64 features of all
+    the layers of both stores (whole store chunks when they fit), every layer on its own
+    read-ahead thread, and folded into one ``LinearCKAMatrix``. A store paired with itself is
+    read once.
+    """
+    n = store_a.n_samples
+    same = store_a is store_b and list(layers_a) == list(layers_b)
+    per_row = 8 * (sum(layer_widths(store_a, layers_a)) + (0 if same else sum(layer_widths(store_b, layers_b))))
+    chunk = _chunk_rows(store_a, None)
+    rows = max(1, memory_budget // max(1, per_row))
+    rows = min(n, max(chunk, rows // chunk * chunk) if rows >= chunk else rows)
+    readers = [iter_row_blocks(store_a, layer, 0, n, rows, device) for layer in layers_a]
+    if not same:
+        readers += [iter_row_blocks(store_b, layer, 0, n, rows, device) for layer in layers_b]
+    acc = LinearCKAMatrix()
+    for blocks in zip(*readers):
+        xs = [b for _, b in blocks[:len(layers_a)]]
+        acc.update(xs, xs if same else [b for _, b in blocks[len(layers_a):]])
+    return acc

@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["Prepared", "bilinear_matrix", "normalized"]
+__all__ = ["UNDEFINED_RTOL", "Prepared", "bilinear_matrix", "normalized"]
+
+# A self-product below UNDEFINED_RTOL · (its uncentred magnitude) is round-off, not signal: float64
+# centring leaves |HKH|² ≈ (n·eps)²·|K|² ≈ 1e-26·|K|² for a constant layer, while a genuine
+# variance at float32 resolution (relative 1e-7 of the mean) still gives ≈ 1e-14·|K|².
+UNDEFINED_RTOL = 1e-20
 
 
 @dataclass
@@ -48,11 +53,11 @@ def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, wha
     """Divide by √⟨left, right⟩; mark undefined when that self-product is not clearly positive.
 
     ``scale`` is a magnitude of the unnormalised statistic (for example ‖K‖²)
-    that sets the round-off threshold: a self-product below 1e-12 · scale is
-    treated as zero.
+    that sets the round-off threshold: a self-product below ``UNDEFINED_RTOL · scale``
+    is treated as zero.
     """
     self_product = torch.dot(left, right)
-    value, tolerance = float(self_product), 1e-12 * float(scale)
+    value, tolerance = float(self_product), UNDEFINED_RTOL * float(scale)
     if not value > tolerance:
         reason = (
             f"{what} is zero: the layer is constant over samples" if abs(value) <= tolerance

@@ -28,9 +28,10 @@ __all__ = ["confounder_gram", "dcka"]
 
 def confounder_gram(inputs: torch.Tensor) -> torch.Tensor:
     """K₀: Gram of the column-centred, unit-Frobenius, flattened inputs (n × n, float64)."""
-    centered = center_gram(linear_gram(inputs))
+    gram = linear_gram(inputs)
+    centered = center_gram(gram)
     trace = torch.trace(centered)
-    if not float(trace) > 0:
+    if not float(trace) > 1e-12 * float(torch.trace(gram).abs()):  # zero up to centring round-off
         raise MeasureError("The confounder (inputs) is constant over samples; dCKA needs varying inputs.")
     return centered / trace
 
