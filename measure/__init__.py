@@ -1,9 +1,24 @@
 """simtorch stage two: similarity measures between layer representations."""
 
 from ._checks import MeasureError
-from .functional import cka, cka_debiased, cka_minibatch, cka_rbf, dcka
+from .family import CCA, PWCCA, RSA, SVCCA, LinearRegression, MutualKNN, Procrustes
+from .functional import (
+    cca,
+    cka,
+    cka_debiased,
+    cka_minibatch,
+    cka_rbf,
+    dcka,
+    linreg,
+    mutual_knn,
+    procrustes,
+    pwcca,
+    rsa,
+    svcca,
+)
 from .registry import MEASURES, MeasureSpec, compare, get_measure, register
 from .similarity import CKA, DeconfoundedCKA, DeltaCKA, Similarity
+from .stats import bootstrap, permutation_test
 
 __all__ = [
     "CKA",
@@ -22,3 +37,5 @@ __all__ = [
     "get_measure",
     "register",
 ]
+__all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MutualKNN", "Procrustes"]
+__all__ += ["bootstrap", "cca", "linreg", "mutual_knn", "permutation_test", "procrustes", "pwcca", "rsa", "svcca"]
