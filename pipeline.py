@@ -83,6 +83,11 @@ def extract_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--force", action="store_true", help="redo an extraction whose store already exists")
     parser.add_argument("--no-inputs", action="store_true", help="do not store the inputs (dCKA's confounder)")
+    parser.add_argument("--reduce", nargs="+", metavar="RULE",
+                        help="per-layer reductions before storing: flatten, mean, first, last, gap, pool<k>, "
+                             "optionally PATTERN=REDUCTION ('block*=gap'); token layers default to mean")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="text data: pad/truncate to this many tokens (default: the longest text)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if subparsers:
         parser.set_defaults(func=extract_command)
@@ -137,6 +142,7 @@ def extract_command(args: argparse.Namespace) -> int:
     """Extract the demo zoo (no model flags) or the models named by flags / config."""
     from extract import extract
     from extract.specs import load_data, load_model
+    from extract.text import tokenize_for_model
 
     models, shared = _extract_jobs(args)
     device = _default_device(shared["device"])
@@ -150,7 +156,7 @@ def extract_command(args: argparse.Namespace) -> int:
     for m in models:
         result = extract(
             load_model(m["model"], m.get("weights")),
-            data,
+            tokenize_for_model(data, str(m["model"]), max_length=getattr(args, "max_length", None)),
             shared["out"] / f"{m['name']}.zarr",
             name=m["name"],
             layers=m["layers"],
@@ -161,6 +167,7 @@ def extract_command(args: argparse.Namespace) -> int:
             store_inputs=shared["store_inputs"],
             model_spec=f"{m['model']}|weights={m.get('weights') or ''}",
             progress=not args.quiet,
+            reduce=m.get("reduce") or getattr(args, "reduce", None),
         )
         _report_extract(result)
     return 0

@@ -28,7 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from .hooks import LayerSelectionError, SimilarityModel
-from .store import INPUTS_ARRAY, LAYERS_GROUP, StoreError, StoreInfo, ZarrStore
+from .reductions import LayerReducer, rules_key
+from .store import INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreError, StoreInfo, ZarrStore
+from .text import attention_mask, fingerprint_rows, token_rows
 
 __all__ = ["ExtractResult", "as_loader", "extract", "weights_digest"]
 
@@ -136,6 +138,8 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
 
 def _confounder_rows(inputs: Any) -> np.ndarray:
     """Inputs flattened per sample, the bytes that are fingerprinted and stored."""
+    if isinstance(inputs, Mapping) and attention_mask(inputs) is not None:
+        return token_rows(inputs)  # padding-free: valid tokens first, padding zeroed
     if isinstance(inputs, Mapping):
         tensor = inputs.get("input_ids", next(iter(inputs.values())))
     else:
@@ -162,8 +166,10 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _request(sim: SimilarityModel, dtype: str, store_inputs: bool, model_spec: str, weights: str) -> dict:
+def _request(sim: SimilarityModel, dtype: str, store_inputs: bool, model_spec: str, weights: str,
+             reduce: Any = None) -> dict:
     return {
+        "reduce": rules_key(reduce),
         "model_spec": model_spec,
         "weights_digest": weights,
         "layer_patterns": [p if isinstance(p, str) else f"type:{p.__name__}" for p in sim.layers_to_include],
@@ -175,6 +181,7 @@ def _request(sim: SimilarityModel, dtype: str, store_inputs: bool, model_spec: s
 
 def _existing_request(info: StoreInfo) -> dict:
     return {
+        "reduce": info.request.get("reduce", rules_key(None)),
         "model_spec": info.model_spec,
         "weights_digest": info.weights_digest,
         "layer_patterns": info.request.get("layer_patterns"),
@@ -239,6 +246,7 @@ def extract(
     model_spec: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
+    reduce: Any = None,
 ) -> ExtractResult:
     """Run ``model`` once over ``data`` and write the chosen layers to the store at ``path``.
 
@@ -259,6 +267,11 @@ def extract(
         Overwrite an existing store instead of resuming or reusing it.
     store_inputs : bool, default=True
         Also store the flattened inputs (dCKA's confounder).
+    reduce : str, list of str or dict, optional
+        Per-layer reductions applied before storing (``extract.reductions``):
+        ``"gap"``, ``["block*=pool2", "fc*=flatten"]``... Token layers of text
+        inputs default to ``mean`` over valid tokens, other layers to
+        ``flatten``; the store records each layer's reduction.
 
     Returns
     -------
@@ -274,7 +287,7 @@ def extract(
     sim.model.to(run_device)
     loader, n = as_loader(data, batch_size)
     path = Path(path)
-    request = _request(sim, dtype, store_inputs, model_spec, weights_digest(sim.model))
+    request = _request(sim, dtype, store_inputs, model_spec, weights_digest(sim.model), reduce)
 
     with _exclusive_lock(path):
         info = _reusable_info(path, request, force)
@@ -283,7 +296,7 @@ def extract(
             return ExtractResult(path, info.n_samples, info.layers, True, info.n_samples,
                                  time.perf_counter() - started, 0)
         return _run(sim, loader, n, path, request, info, dtype, store_inputs, run_device,
-                    chunk_bytes, progress, started)
+                    chunk_bytes, progress, started, reduce)
 
 
 def _reusable_info(path: Path, request: dict, force: bool) -> StoreInfo | None:
@@ -314,7 +327,8 @@ def _verify_fingerprint(loader: DataLoader, info: StoreInfo, path: Path) -> None
     """Hash the data (no inference) and check it is the data the finished store was made from."""
     fp = _Fingerprint(info.chunk_samples)
     for batch in loader:
-        fp.update(_confounder_rows(_model_input(batch)))
+        inputs = _model_input(batch)
+        fp.update(fingerprint_rows(inputs, _confounder_rows(inputs)))
     if fp.finish() != info.fingerprint:
         raise StoreError(
             f"The finished store at {path} was extracted from different data (fingerprint mismatch); "
@@ -322,7 +336,8 @@ def _verify_fingerprint(loader: DataLoader, info: StoreInfo, path: Path) -> None
         )
 
 
-def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk_bytes, progress, started):
+def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk_bytes, progress, started,
+         reduce=None):
     from tqdm.auto import tqdm
 
     created_here = info is None
@@ -342,13 +357,14 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
             n_samples=n,
             inputs_stored=store_inputs,
             versions=_library_versions(),
-            request={k: request[k] for k in ("layer_patterns", "output_selector")},
+            request={k: request[k] for k in ("layer_patterns", "output_selector", "reduce")},
         )
         store.write_info(info)
     _remove_partial_files(path)
     fp: _Fingerprint | None = _Fingerprint(info.chunk_samples) if info.chunk_samples else None
     writer = None
     position = 0
+    reducer = LayerReducer(reduce)
     bar = tqdm(total=n, initial=resume_from, desc=f"extract {sim.model_name}", unit="sample",
                disable=not progress, leave=False)
     try:
@@ -357,9 +373,10 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                 inputs = _model_input(batch)
                 rows = _batch_len(inputs)
                 confounder = _confounder_rows(inputs)
+                fingerprinted = fingerprint_rows(inputs, confounder)
                 stop = position + rows
                 if fp is not None:
-                    fp.update(confounder)
+                    fp.update(fingerprinted)
                     _check_resumed_chunks(fp, info, resume_from, path)
                 if stop <= resume_from:
                     position = stop
@@ -373,14 +390,21 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                         f"Model {sim.model_name!r} failed on batch {batch_index} (samples {position}..{stop - 1}): "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
+                mask = attention_mask(inputs)
+                outputs = reducer(outputs, None if mask is None else mask.to(device))
                 arrays = {f"{LAYERS_GROUP}/{k}": _as_storage(v, dtype, k) for k, v in outputs.items()}
                 if store_inputs:
                     arrays[INPUTS_ARRAY] = confounder
+                if mask is not None:
+                    arrays[MASK_ARRAY] = mask.cpu().numpy().astype(np.uint8)
                 if writer is None:
+                    if not info.chunk_samples:
+                        info.reductions = reducer.recorded
+                        info.request["token_layers"] = list(reducer.token_layers)
                     info = _prepare_arrays(store, info, sim.layers, arrays, n, chunk_bytes, path)
                     if fp is None:
                         fp = _Fingerprint(info.chunk_samples)
-                        fp.update(confounder)
+                        fp.update(fingerprinted)
                     writer = _start_writer(store, info, fp, resume_from)
                 skip = max(0, resume_from - position)
                 writer.add({k: v[skip:] for k, v in arrays.items()})

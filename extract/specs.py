@@ -8,6 +8,8 @@ Model specs
 Data specs
     ``digits`` / ``digits:train``   scikit-learn's digits, held-out / training split
     ``file.npy`` / ``file.pt``      an array or tensor of shape (n_samples, ...)
+    ``file.txt`` / ``file.json``    strings (one per line / a JSON list), tokenized with the
+                                    tokenizer of the Hugging Face model directory (extract.text)
     ``module:function``             returns a tensor, array, Dataset or DataLoader
 """
 
@@ -123,9 +125,15 @@ def load_data(spec: str) -> Any:
         if not isinstance(data, torch.Tensor):
             raise SpecError(f"{spec} holds a {type(data).__name__}; expected a tensor of shape (n_samples, ...).")
         return data
+    if path.suffix in (".txt", ".json"):
+        from .text import load_texts
+
+        if not path.is_file():
+            raise SpecError(f"Data file {spec} does not exist.")
+        return load_texts(path)
     if ":" in spec:
         source = _import_callable(spec, "data")
         return source() if callable(source) else source
     raise SpecError(
-        f"Data spec {spec!r} is not 'digits', a .npy/.pt file, or 'module:function'."
+        f"Data spec {spec!r} is not 'digits', a .npy/.pt/.txt/.json file, or 'module:function'."
     )

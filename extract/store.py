@@ -9,6 +9,8 @@ simtorch::
       layers/<layer name>     float32 (or float16), shape (n_samples, *per_sample_shape)
       inputs                  the flattened inputs, shape (n_samples, n_input_features),
                               dCKA's confounder (absent with store_inputs=False)
+      mask                    uint8 (n_samples, n_tokens), the attention mask of text inputs
+                              (only for token inputs; see extract.reductions)
 
 Every array is chunked along the sample axis only, with one chunk length per
 store, and encoded ``bytes -> blosc(lz4, shuffle) -> crc32c`` so that a flipped
@@ -45,6 +47,7 @@ FORMAT_VERSION = 1
 ATTRS_KEY = "simtorch"
 LAYERS_GROUP = "layers"
 INPUTS_ARRAY = "inputs"
+MASK_ARRAY = "mask"
 
 
 class StoreError(RuntimeError):
