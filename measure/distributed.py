@@ -72,13 +72,31 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
 
 
 def _gram_task(path: str, layer: str, storage_options: dict[str, Any] | None, memory_budget: int,
-               device: str | None) -> np.ndarray:
-    """Runs on a worker: open the store by path/URL, pick the worker's device, return K = X Xᵀ (float64)."""
+               device: str | None, reduction: str | None = None) -> np.ndarray:
+    """Runs on a worker: open the store by path/URL, pick the worker's device, return K = X Xᵀ (float64).
+
+    ``reduction`` is the layer's effective reduction in the driver's engine (``extract.reductions``).
+    """
+    from extract.reductions import reduce_store
     from extract.store import open_store
 
     store = open_store(path, read_only=True, storage_options=storage_options)
+    if reduction is not None:
+        store = reduce_store(store, {layer: reduction})
     gram = layer_gram(store, layer, default_device(device), memory_budget)
     return gram.to("cpu").numpy()
+
+
+def _uses_grams(engine: Engine, name: str, options: dict[str, Any]) -> bool:
+    """Whether measure ``name`` reads per-layer Grams for some pair (not only the feature route)."""
+    spec = get_measure(name)
+    if spec.statistic != "gram":
+        return False
+    if not getattr(spec, "feature_route", None):
+        return True
+    resolved = spec.resolve_options(options)
+    n = len(engine.stores)
+    return any(engine.route(spec, resolved, i, j) == "gram" for i in range(n) for j in range(n))
 
 
 def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]], *, client: Any = None,
@@ -90,7 +108,7 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
     Each store must have a ``path`` (a ``ZarrStore``) so that workers can open it.
     ``device`` is passed to the workers (None: each worker picks CUDA when it has it).
     """
-    if not any(get_measure(name).statistic == "gram" for name, _ in measures):
+    if not any(_uses_grams(engine, name, options) for name, options in measures):
         return 0
     budget = engine.memory_budget if memory_budget is None else memory_budget
     todo: list[tuple[int, str, str]] = []
@@ -109,7 +127,8 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
             todo.append((s, layer, str(path)))
     if not todo:
         return 0
-    args = [(path, layer, storage_options, budget, device) for _, layer, path in todo]
+    args = [(path, layer, storage_options, budget, device, engine.stores[s].info.reductions.get(layer))
+            for s, layer, path in todo]
     if client is not None:
         futures = [client.submit(_gram_task, *a, pure=False) for a in args]
         grams = client.gather(futures)
