@@ -152,8 +152,15 @@ def _confounder_rows(inputs: Any) -> np.ndarray:
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock beside the store; a second process is refused, a killed one releases it."""
     lock_path = path.parent / f".{path.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 - closed by the with-block below
+    except OSError as exc:
+        raise StoreError(
+            f"Cannot write into the output folder {path.parent} ({exc.strerror or exc}); "
+            "choose a writable folder with --out."
+        ) from exc
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -200,6 +207,7 @@ class _Fingerprint:
         self.chunk = hashlib.sha256()
         self.rows = 0
         self.chunk_digests: list[str] = []
+        self._result: str | None = None
 
     def update(self, rows: np.ndarray) -> None:
         offset = 0
@@ -221,9 +229,12 @@ class _Fingerprint:
         self.chunk = hashlib.sha256()
 
     def finish(self) -> str:
-        if self.rows % self.chunk_samples:
-            self._close_chunk()
-        return f"sha256:{self.total.hexdigest()}:n={self.rows}"
+        """The dataset fingerprint; closes the digest of a final partial chunk (idempotent)."""
+        if self._result is None:
+            if self.rows % self.chunk_samples:
+                self._close_chunk()
+            self._result = f"sha256:{self.total.hexdigest()}:n={self.rows}"
+        return self._result
 
 
 def _chunk_samples(bytes_per_sample: int, n: int, chunk_bytes: int) -> int:
