@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ..functional._bilinear import CANCELLATION_RTOL, UNDEFINED_RTOL
 from ..functional.cka import (
     _cka_from_hsic,
     _cka_moments_compute,
@@ -133,8 +134,10 @@ class LinearCKAMatrix(Accumulator):
                                               m["scale_y"], clamp=(-1.0, 1.0))
         out["cka"], out["cka_undefined"] = matrix, (bad_x, bad_y)
         if n >= 4:
+            # first-order cancellation in HSIC₁: see measure.functional._bilinear.CANCELLATION_RTOL
+            rescale = CANCELLATION_RTOL / UNDEFINED_RTOL / n**2
             matrix, bad_x, bad_y = _cka_from_hsic(m["debiased"], m["debiased_x"], m["debiased_y"],
-                                                  m["scale_x"] / n**2, m["scale_y"] / n**2, clamp=None)
+                                                  m["scale_x"] * rescale, m["scale_y"] * rescale, clamp=None)
             out["cka_debiased"], out["cka_debiased_undefined"] = matrix, (bad_x, bad_y)
             out["self_hsic_debiased"] = (m["debiased_x"], m["debiased_y"])
         return out

@@ -18,12 +18,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNDEFINED_RTOL", "Prepared", "bilinear_matrix", "normalized"]
+__all__ = ["CANCELLATION_RTOL", "UNDEFINED_RTOL", "Prepared", "bilinear_matrix", "normalized"]
 
 # A self-product below UNDEFINED_RTOL · (its uncentred magnitude) is round-off, not signal: float64
 # centring leaves |HKH|² ≈ (n·eps)²·|K|² ≈ 1e-26·|K|² for a constant layer, while a genuine
 # variance at float32 resolution (relative 1e-7 of the mean) still gives ≈ 1e-14·|K|².
 UNDEFINED_RTOL = 1e-20
+# Song et al.'s unbiased HSIC is a difference of terms of size ‖HKH‖², so its round-off is first order:
+# a value below CANCELLATION_RTOL · ‖HKH‖² / n² is zero (a layer that differs from a constant in one
+# sample has HSIC₁(K, K) = 0 exactly), while genuine values are ≳ ‖HKH‖² / (n² (1 + p/n)).
+CANCELLATION_RTOL = 1e-10
 
 
 @dataclass
@@ -49,7 +53,8 @@ class Prepared:
 
 
 def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, what: str,
-               extras: dict[str, Any] | None = None) -> Prepared:
+               extras: dict[str, Any] | None = None,
+               zero_reason: str = "the layer is constant over samples") -> Prepared:
     """Divide by √⟨left, right⟩; mark undefined when that self-product is not clearly positive.
 
     ``scale`` is a magnitude of the unnormalised statistic (for example ‖K‖²)
@@ -60,7 +65,7 @@ def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, wha
     value, tolerance = float(self_product), UNDEFINED_RTOL * float(scale)
     if not value > tolerance:
         reason = (
-            f"{what} is zero: the layer is constant over samples" if abs(value) <= tolerance
+            f"{what} is zero: {zero_reason}" if abs(value) <= tolerance
             else f"{what} is negative ({value:.3g})"
         )
         return Prepared(left, right, defined=False, reason=reason, extras=extras or {})

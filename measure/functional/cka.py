@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import MeasureError, as_samples_matrix, check_same_samples
-from ._bilinear import UNDEFINED_RTOL, Prepared, bilinear_matrix, normalized
+from ._bilinear import CANCELLATION_RTOL, UNDEFINED_RTOL, Prepared, bilinear_matrix, normalized
 from .gram import center_gram, linear_gram, rbf_gram, unbiased_hsic_vectors
 
 __all__ = ["cka", "cka_debiased", "cka_minibatch", "cka_rbf"]
@@ -44,8 +44,20 @@ def _cka_debiased_prepare(gram: torch.Tensor) -> Prepared:
         raise MeasureError(f"cka_debiased needs at least 4 samples (unbiased HSIC), got {n}; measure more samples.")
     # HSIC₁ of a linear kernel is translation invariant and H K H = Xc Xcᵀ, so the centred Gram gives
     # the same value while avoiding the cancellation of large uncentred entries (activations with a mean).
-    v, w = unbiased_hsic_vectors(center_gram(gram))
-    return normalized(v, w, torch.dot(gram.reshape(-1), gram.reshape(-1)) / n**2, "unbiased HSIC(K, K)")
+    centered = center_gram(gram)
+    v, w = unbiased_hsic_vectors(centered)
+    return normalized(v, w, _debiased_scale(gram, centered), "unbiased HSIC(K, K)", zero_reason=_SINGLE_SAMPLE)
+
+
+_SINGLE_SAMPLE = "the layer is constant, or differs from a constant in a single sample"
+
+
+def _debiased_scale(gram: torch.Tensor, centered: torch.Tensor) -> torch.Tensor:
+    """Magnitude for ``normalized``'s threshold: ‖K‖²/n² for a constant layer (second-order round-off of
+    the centring), and ‖HKH‖²/n² · CANCELLATION_RTOL / UNDEFINED_RTOL for the first-order round-off of HSIC₁."""
+    n = gram.shape[0]
+    raw, cen = torch.sum(gram * gram), torch.sum(centered * centered)
+    return torch.maximum(raw, cen * (CANCELLATION_RTOL / UNDEFINED_RTOL)) / n**2
 
 
 def _cka_rbf_prepare(gram: torch.Tensor, threshold: float = 0.4) -> Prepared:
@@ -69,11 +81,12 @@ def _cka_minibatch_prepare(blocks: Sequence[torch.Tensor]) -> Prepared:
     the concatenated per-batch vectors. This is *not* the mean of per-batch CKA
     values, which is biased and depends on the batch size.
     """
-    parts = [unbiased_hsic_vectors(center_gram(block)) for block in blocks]  # centred: see _cka_debiased_prepare
+    centered = [center_gram(block) for block in blocks]  # see _cka_debiased_prepare
+    parts = [unbiased_hsic_vectors(c) for c in centered]
     v = torch.cat([p[0] for p in parts])
     w = torch.cat([p[1] for p in parts])
-    scale = sum(torch.dot(b.reshape(-1), b.reshape(-1)) / b.shape[0] ** 2 for b in blocks)
-    return normalized(v, w, scale, "summed unbiased HSIC(K, K)")
+    scale = sum(_debiased_scale(b, c) for b, c in zip(blocks, centered))
+    return normalized(v, w, scale, "summed unbiased HSIC(K, K)", zero_reason=_SINGLE_SAMPLE)
 
 
 def batch_grams(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
