@@ -204,6 +204,7 @@ def _extract_demo(shared: dict, device: str, *, force: bool, quiet: bool) -> int
             store_inputs=shared["store_inputs"],
             model_spec=f"{rec['factory']}|weights={rec['weights']}",
             progress=not quiet,
+            replace_stale=True,  # the demo's stores follow its (retrained) zoo
         )
         _report_extract(result)
     return 0
@@ -232,6 +233,60 @@ def measure_command(args: argparse.Namespace) -> int:
     return run_measure(args)
 
 
+# ----------------------------------------------------------------------------- info / ls
+def info_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    kwargs = dict(description="Describe one store: model, layers with shapes, dtypes, reductions, sizes on disk, "
+                              "compression ratio, sample count, fingerprint and completeness.")
+    parser = subparsers.add_parser("info", **kwargs) if subparsers else argparse.ArgumentParser(**kwargs)
+    parser.add_argument("store", help="a store written by `pipeline.py extract` (a .zarr folder or URL)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    if subparsers:
+        parser.set_defaults(func=info_command)
+    return parser
+
+
+@_die_on_known_errors
+def info_command(args: argparse.Namespace) -> int:
+    """Print ``measure.inspect.summarize(args.store)``."""
+    import json
+
+    from measure.inspect import format_info, summarize
+
+    summary = summarize(args.store)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else format_info(summary))
+    return 0
+
+
+def ls_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    kwargs = dict(description="List the stores in a folder, grouped by comparability (same data: fingerprint "
+                              "and sample count).")
+    parser = subparsers.add_parser("ls", **kwargs) if subparsers else argparse.ArgumentParser(**kwargs)
+    parser.add_argument("folder", nargs="?", default=str(DEFAULT_ACTIVATIONS),
+                        help=f"folder holding .zarr stores (default {DEFAULT_ACTIVATIONS})")
+    parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    if subparsers:
+        parser.set_defaults(func=ls_command)
+    return parser
+
+
+@_die_on_known_errors
+def ls_command(args: argparse.Namespace) -> int:
+    """Print ``measure.inspect.list_stores(args.folder)`` grouped by comparability."""
+    import json
+
+    from measure.inspect import comparability_groups, format_ls, list_stores
+
+    summaries, skipped = list_stores(args.folder)
+    if args.json:
+        groups, incomplete = comparability_groups(summaries)
+        print(json.dumps({"groups": [[s.path for s in g] for g in groups],
+                          "incomplete": [s.path for s in incomplete], "skipped": dict(skipped),
+                          "stores": [s.to_dict() for s in summaries]}, indent=2))
+    else:
+        print(format_ls(summaries, skipped, args.folder))
+    return 0
+
+
 # ----------------------------------------------------------------------------- root
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simtorch", description=__doc__,
@@ -239,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands")
     extract_command_parser(subparsers)
     measure_command_parser(subparsers)
+    info_command_parser(subparsers)
+    ls_command_parser(subparsers)
     return parser
 
 
