@@ -258,6 +258,7 @@ def extract(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
     reduce: Any = None,
+    replace_stale: bool = False,
 ) -> ExtractResult:
     """Run ``model`` once over ``data`` and write the chosen layers to the store at ``path``.
 
@@ -278,6 +279,10 @@ def extract(
         Overwrite an existing store instead of resuming or reusing it.
     store_inputs : bool, default=True
         Also store the flattened inputs (dCKA's confounder).
+    replace_stale : bool, default=False
+        Overwrite an existing store written with other weights, options or
+        data (the demo does this when its zoo is retrained); by default such a
+        store is an error, so that nothing is overwritten by mistake.
     reduce : str, list of str or dict, optional
         Per-layer reductions applied before storing (``extract.reductions``):
         ``"gap"``, ``["block*=pool2", "fc*=flatten"]``... Token layers of text
@@ -301,13 +306,29 @@ def extract(
     request = _request(sim, dtype, store_inputs, model_spec, weights_digest(sim.model), reduce)
 
     with _exclusive_lock(path):
-        info = _reusable_info(path, request, force)
+        info = _reusable_info(path, request, force or replace_stale and _is_stale(path, request))
         if info is not None and info.complete:
-            _verify_fingerprint(loader, info, path)
-            return ExtractResult(path, info.n_samples, info.layers, True, info.n_samples,
-                                 time.perf_counter() - started, 0)
+            try:
+                _verify_fingerprint(loader, info, path)
+            except StoreError:
+                if not replace_stale:
+                    raise
+                info = _reusable_info(path, request, True)
+            if info is not None:
+                return ExtractResult(path, info.n_samples, info.layers, True, info.n_samples,
+                                     time.perf_counter() - started, 0)
         return _run(sim, loader, n, path, request, info, dtype, store_inputs, run_device,
                     chunk_bytes, progress, started, reduce)
+
+
+def _is_stale(path: Path, request: dict) -> bool:
+    """Whether ``path`` holds a store, or a broken one, that was not written for ``request``."""
+    if not path.exists():
+        return False
+    try:
+        return _existing_request(ZarrStore(path, read_only=True).info) != request
+    except StoreError:
+        return True
 
 
 def _reusable_info(path: Path, request: dict, force: bool) -> StoreInfo | None:
@@ -375,6 +396,7 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
     fp: _Fingerprint | None = _Fingerprint(info.chunk_samples) if info.chunk_samples else None
     writer = None
     position = 0
+    per_sample: dict[str, tuple[int, ...]] = {}
     reducer = LayerReducer(reduce)
     bar = tqdm(total=n, initial=resume_from, desc=f"extract {sim.model_name}", unit="sample",
                disable=not progress, leave=False)
@@ -398,8 +420,9 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                     raise
                 except Exception as exc:
                     raise RuntimeError(
-                        f"Model {sim.model_name!r} failed on batch {batch_index} (samples {position}..{stop - 1}): "
-                        f"{type(exc).__name__}: {exc}"
+                        f"Model {sim.model_name!r} failed on batch {batch_index} (samples {position}..{stop - 1}) "
+                        f"with inputs of shape {_describe(inputs)}: {type(exc).__name__}: {exc}. "
+                        "Check that the data has the shape and dtype the model expects."
                     ) from exc
                 mask = attention_mask(inputs)
                 outputs = reducer(outputs, None if mask is None else mask.to(device))
@@ -408,6 +431,7 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                     arrays[INPUTS_ARRAY] = confounder
                 if mask is not None:
                     arrays[MASK_ARRAY] = mask.cpu().numpy().astype(np.uint8)
+                _check_batch_shapes(arrays, per_sample, batch_index)
                 if writer is None:
                     if not info.chunk_samples:
                         info.reductions = reducer.recorded
@@ -423,21 +447,29 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                 position = stop
             if position != n:
                 raise ValueError(f"The data yielded {position} samples but reports {n} (len); fix its __len__.")
+            # Close the last partial chunk's digest before the writer records that chunk as durable.
+            fingerprint = fp.finish()
+            _check_resumed_chunks(fp, info, resume_from, path)
             if writer is not None:
                 writer.close()
                 bytes_written = writer.bytes_written
             else:
                 bytes_written = 0
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.abort()
         if created_here and store.info.samples_done == 0:
             shutil.rmtree(path, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise StoreError(
+                f"Writing the store at {path} failed ({exc.strerror or exc}); free disk space or choose a "
+                "writable --out, then rerun the same command to resume."
+            ) from exc
         raise
     finally:
         bar.close()
     info = store.info
-    info.fingerprint = fp.finish()
+    info.fingerprint = fingerprint
     info.chunk_digests = fp.chunk_digests
     info.samples_done = n
     info.complete = True
@@ -453,10 +485,33 @@ def _as_storage(tensor: torch.Tensor, dtype: str, layer: str) -> np.ndarray:
     return tensor.to(dtype=getattr(torch, dtype)).cpu().numpy()
 
 
+def _describe(inputs: Any) -> str:
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k}: {tuple(getattr(v, 'shape', ()))}" for k, v in inputs.items()) + "}"
+    return f"{tuple(inputs.shape)} {str(inputs.dtype).replace('torch.', '')}"
+
+
+def _check_batch_shapes(arrays: dict[str, np.ndarray], per_sample: dict[str, tuple[int, ...]], batch: int) -> None:
+    """Every batch must give every array the per-sample shape of the first batch (fills ``per_sample``)."""
+    for key, block in arrays.items():
+        expected = per_sample.setdefault(key, block.shape[1:])
+        if block.shape[1:] != expected:
+            raise ValueError(
+                f"{key!r} has per-sample shape {block.shape[1:]} in batch {batch} but {expected} in the first "
+                "batch; a store needs one shape per array. Pad or resize the inputs to one shape, "
+                "or pick a layer whose output shape does not depend on the input (--reduce mean)."
+            )
+
+
 def _prepare_arrays(store, info, layers, arrays, n, chunk_bytes, path) -> StoreInfo:
     """Create the arrays (first run) or check them (resume) from the first captured batch."""
     per_sample = {k: v.shape[1:] for k, v in arrays.items()}
     if info.chunk_samples:  # resuming: shapes must match what is on disk
+        if info.layers != list(layers):
+            raise StoreError(
+                f"The partial store at {path} holds layers {info.layers} but the model now gives {list(layers)}; "
+                "pass --force to start again."
+            )
         for key, shape in per_sample.items():
             if not store.has_array(key) or store.array_shape(key)[1:] != shape:
                 raise StoreError(
@@ -488,7 +543,7 @@ def _start_writer(store, info: StoreInfo, fp: _Fingerprint, resume_from: int):
 
 def _check_resumed_chunks(fp: _Fingerprint, info: StoreInfo, resume_from: int, path: Path) -> None:
     """On resume, the data's chunk digests must equal those recorded for the chunks already written."""
-    done = resume_from // info.chunk_samples if info.chunk_samples else 0
+    done = -(-resume_from // info.chunk_samples) if info.chunk_samples else 0  # ceil: a final partial chunk
     for i in range(min(done, len(fp.chunk_digests))):
         if i < len(info.chunk_digests) and fp.chunk_digests[i] != info.chunk_digests[i]:
             raise StoreError(

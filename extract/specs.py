@@ -63,7 +63,9 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
         try:
             import transformers
         except ImportError as exc:
-            raise SpecError("Loading a Hugging Face model directory needs transformers: pip install transformers.") from exc
+            raise SpecError(
+                "Loading a Hugging Face model directory needs transformers: pip install transformers."
+            ) from exc
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
     elif path.suffix in (".pt", ".pth", ".ts", ".jit") and path.exists():
         try:

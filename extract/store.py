@@ -253,8 +253,9 @@ class ZarrStore(ActivationStore):
             return np.asarray(array[start:stop])
         except Exception as exc:  # zarr raises codec-specific errors on corrupt chunks
             chunk = array.chunks[0]
+            first, last = start // chunk, max(start, stop - 1) // chunk
             raise StoreError(
-                f"{self}: array {key!r}, rows {start}:{stop} (chunks {start // chunk}..{max(start, stop - 1) // chunk}) "
+                f"{self}: array {key!r}, rows {start}:{stop} (chunks {first}..{last}) "
                 f"could not be decoded ({type(exc).__name__}: {exc}). The chunk is corrupt or missing; "
                 "re-extract the store with `pipeline.py extract --force`."
             ) from exc
