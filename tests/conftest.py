@@ -1,0 +1,23 @@
+"""Shared fixtures. Keep this file small; the extract tests' models live in ``_extract_models.py``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:  # so that '_extract_models:small_cnn' resolves in-process
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """Environment for a child Python that imports simtorch and the test models, single-threaded."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
