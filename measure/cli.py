@@ -18,7 +18,9 @@ from .cache import StatisticsCache, default_cache_path
 from .distributed import compute_grams, dask_client
 from .engine import Engine
 from .registry import MEASURES, get_measure
+from .report import REPORT_NAME, write_report
 from .results import write_results
+from .stats import _check_supported, add_statistics
 
 __all__ = ["add_measure_arguments", "parse_measure", "run_measure"]
 
@@ -52,6 +54,12 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
     parser.add_argument("--list-measures", action="store_true", help="print the measures and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--reduce", nargs="+", metavar="RULE",
+                        help="measurement-time per-layer reductions of stored layers: flatten, mean, first, last, "
+                             "gap, pool<k>, or PATTERN=REDUCTION ('block*=gap'); default: as stored")
+    parser.add_argument("--mixed-reductions", action="store_true",
+                        help="compare same-named layers even when their stores reduced them differently")
+    parser.add_argument("--no-report", action="store_true", help=f"skip {REPORT_NAME} (the HTML run report)")
     scale = parser.add_argument_group("scaling out (zoos, cache, dask, remote stores)")
     scale.add_argument("--cache", default=None, metavar="DIR",
                        help="statistics cache (Zarr group, path or URL; default STORES_FOLDER/.simtorch-cache.zarr)")
@@ -62,6 +70,25 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
                        help="'threads' (dask's local threaded scheduler) or tcp://host:port of a running cluster")
     scale.add_argument("--storage-options", default=None, metavar="JSON",
                        help="fsspec options for URL stores, e.g. '{\"anon\": false}' (credentials: AWS_* env vars)")
+    stats = parser.add_argument_group("statistics (measure.stats), written beside each matrix")
+    stats.add_argument("--permutations", type=_count, default=0, metavar="N",
+                       help="permutation test with N permutations: <pair>.pvalues.csv and .pvalues_fwer.csv")
+    stats.add_argument("--bootstrap", type=_count, default=0, metavar="N",
+                       help="percentile bootstrap with N resamples: <pair>.ci_low.csv and .ci_high.csv")
+    stats.add_argument("--ci-level", type=float, default=0.95, metavar="LEVEL",
+                       help="bootstrap interval coverage (default 0.95)")
+    stats.add_argument("--seed", type=int, default=0, help="seed of the permutations and resamples (default 0)")
+
+
+def _count(text: str) -> int:
+    """argparse type: a non-negative integer (0 turns the statistic off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (0: off), got {text!r}")
+    return value
 
 
 def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
@@ -133,6 +160,11 @@ def run_measure(args: argparse.Namespace) -> int:
     measures = [parse_measure(m) for m in (args.measures or DEFAULT_MEASURES)]
     for name, options in measures:
         get_measure(name).resolve_options(options)  # fail before any work
+    if getattr(args, "permutations", 0) or getattr(args, "bootstrap", 0):
+        for name, _ in measures:
+            _check_supported(get_measure(name))
+        if not 0 < getattr(args, "ci_level", 0.95) < 1:
+            raise MeasureError(f"--ci-level must be in (0, 1), for example 0.95; got {args.ci_level}.")
     storage_options = parse_storage_options(getattr(args, "storage_options", None))
     paths = find_stores(args.stores, storage_options)
     stores = [ZarrStore(p, read_only=True, storage_options=storage_options) for p in paths]
@@ -156,7 +188,8 @@ def run_measure(args: argparse.Namespace) -> int:
                                 storage_options=storage_options)
     engine = Engine(stores, device=args.device, layers=args.layers,
                     memory_budget=int(args.memory_budget * 2**30), undefined=args.undefined, progress=progress,
-                    cache=cache)
+                    cache=cache, reduce=getattr(args, "reduce", None),
+                    mixed_reductions=getattr(args, "mixed_reductions", False))
     results = []
     try:
         with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
@@ -165,6 +198,9 @@ def run_measure(args: argparse.Namespace) -> int:
         for name, options in measures:
             pairs = store_pairs(n_stores, get_measure(name).symmetric)
             results.extend(engine.run([(name, options)], pairs))
+        add_statistics(engine, results, n_permutations=getattr(args, "permutations", 0),
+                       n_resamples=getattr(args, "bootstrap", 0), level=getattr(args, "ci_level", 0.95),
+                       seed=getattr(args, "seed", 0))
     finally:
         bar.close()
     out_url = str(args.out) if args.out and is_url(args.out) else None
@@ -173,8 +209,16 @@ def run_measure(args: argparse.Namespace) -> int:
     store_meta = {s.name: {"path": str(p), "fingerprint": s.info.fingerprint, "n_samples": s.n_samples,
                            "layers": engine.layers[i], "weights_digest": s.info.weights_digest}
                   for i, (s, p) in enumerate(zip(stores, paths))}
+    for i, s in enumerate(stores):
+        store_meta[s.name]["reductions"] = {k: engine.stores[i].info.reductions.get(k, "flatten")
+                                            for k in engine.layers[i]}
     manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
                              plots=not args.no_plots)
+    if not getattr(args, "no_report", False):
+        run_options = {k: getattr(args, k, None) for k in ("layers", "reduce", "mixed_reductions", "undefined",
+                                                            "permutations", "bootstrap")}
+        write_report(results, out, stores=store_meta, device=str(engine.device), manifest=json.loads(
+            Path(manifest).read_text()), options={k: v for k, v in run_options.items() if v not in (None, 0)})
     if staging is not None:  # results for a URL are written locally, then uploaded
         upload_folder(out, out_url, storage_options)
         manifest, out = f"{out_url.rstrip('/')}/{Path(manifest).name}", out_url

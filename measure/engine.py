@@ -63,6 +63,8 @@ class PairResult:
     matrix: np.ndarray
     spec: MeasureSpec
     extras: dict[str, Any] = field(default_factory=dict)
+    # permutation p-values / bootstrap bounds (matrices shaped like ``matrix``) and how they were made (measure.stats)
+    statistics: dict[str, Any] = field(default_factory=dict)
 
     def best_matches(self) -> list[tuple[str, str, float]]:
         """For each row layer, the most similar column layer (smallest value for distances)."""

@@ -8,6 +8,7 @@ complete and a manifest that lists only finished results.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -132,6 +133,16 @@ def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dic
             entry["png"] = str(png_path.relative_to(out))
         if r.extras:
             entry["extras"] = r.extras
+        if getattr(r, "statistics", None):  # measure.stats: p-values, bootstrap bounds beside the matrix
+            files, settings = {}, {}
+            for key, value in r.statistics.items():
+                if isinstance(value, np.ndarray) and value.shape == r.matrix.shape:
+                    stat_path = out / f"{stem}.{_safe(key)}.csv"
+                    _atomic_write_bytes(stat_path, matrix_csv(dataclasses.replace(r, matrix=value)))
+                    files[key] = str(stat_path.relative_to(out))
+                else:
+                    settings[key] = value
+            entry["statistics"], entry["statistics_options"] = files, settings
         entries.append(entry)
     manifest = {
         "simtorch": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,

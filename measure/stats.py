@@ -51,6 +51,7 @@ from .registry import MeasureSpec, get_measure, statistic_of
 __all__ = [
     "BootstrapResult",
     "PermutationResult",
+    "add_statistics",
     "bootstrap",
     "bootstrap_statistics",
     "pair_statistics",
@@ -388,3 +389,20 @@ def pair_statistics(engine: Any, name: str, options: dict[str, Any], i: int, j: 
                                     n_resamples=n_resamples, level=level, seed=seed)
         out.update(ci_low=boot.low, ci_high=boot.high, level=boot.level, n_resamples=boot.n_resamples)
     return out
+
+
+def add_statistics(engine: Any, results: Sequence[Any], *, n_permutations: int = 0, n_resamples: int = 0,
+                   level: float = 0.95, seed: int = 0) -> None:
+    """Fill ``result.statistics`` of each engine ``PairResult`` with p-values and/or bootstrap bounds.
+
+    Every result uses the same ``seed``, so the permutations (resamples) are the same for every pair and
+    measure of one run.
+    """
+    if not (n_permutations or n_resamples):
+        return
+    index = {store.name: s for s, store in enumerate(engine.stores)}
+    for result in results:
+        result.statistics = pair_statistics(
+            engine, result.measure, result.options, index[result.store_a], index[result.store_b],
+            n_permutations=n_permutations, n_resamples=n_resamples, level=level, seed=seed,
+        )

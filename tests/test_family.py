@@ -106,6 +106,15 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tests run many small products; torch's thread pool only adds overhead to them (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- values
 @pytest.mark.parametrize("n,p,q", SHAPES)
 def test_procrustes_matches_numpy(n, p, q):
