@@ -163,3 +163,14 @@ def test_extract_refuses_a_reduction_that_does_not_fit(tmp_path, images):
     extract(_Net(0), images, tmp_path / "a.zarr", layers=LAYERS, reduce="gap", progress=False)
     with pytest.raises(StoreError, match="different reduce"):
         extract(_Net(0), images, tmp_path / "a.zarr", layers=LAYERS, reduce="pool2", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_extraction_time_reductions_on_cuda_equal_cpu(tmp_path, images):
+    spec = ["conv1=gap", "conv2=pool2", "conv3=pool3"]
+    cpu = extract(_Net(0), images, tmp_path / "cpu.zarr", layers=LAYERS, reduce=spec, progress=False)
+    gpu = extract(_Net(0), images, tmp_path / "gpu.zarr", layers=LAYERS, reduce=spec, device="cuda", progress=False)
+    for layer in LAYERS:
+        np.testing.assert_allclose(ZarrStore(gpu.path).read_layer(layer), ZarrStore(cpu.path).read_layer(layer),
+                                   rtol=1e-4, atol=1e-5)
+    assert ZarrStore(gpu.path).info.reductions == ZarrStore(cpu.path).info.reductions
