@@ -62,7 +62,9 @@ def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, wha
     is treated as zero.
     """
     self_product = torch.dot(left, right)
-    value, tolerance = float(self_product), UNDEFINED_RTOL * float(scale)
+    value, magnitude = torch.stack([self_product, torch.as_tensor(scale, dtype=self_product.dtype,
+                                                                  device=self_product.device)]).tolist()  # one sync
+    tolerance = UNDEFINED_RTOL * magnitude
     if not value > tolerance:
         reason = (
             f"{what} is zero: {zero_reason}" if abs(value) <= tolerance

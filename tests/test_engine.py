@@ -1,0 +1,239 @@
+"""The store engine: streamed statistics from real Zarr stores on disk equal ``compare`` on the same arrays."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import measure.statistics as statistics
+from extract.store import INPUTS_ARRAY, LAYERS_GROUP, StoreError, StoreInfo, ZarrStore
+from measure import MeasureError, compare
+from measure.engine import Engine, default_device
+
+N = 45  # not a multiple of the chunk sizes or of the minibatch size below
+
+
+def write_store(path, name, layers, inputs=None, chunk=7, fingerprint="sha256:test", complete=True):
+    """A simtorch store written directly with ZarrStore (as extract does), then reopened read-only."""
+    store = ZarrStore(path, read_only=False, create=True)
+    n = len(next(iter(layers.values())))
+    for layer, array in layers.items():
+        store.create_array(f"{LAYERS_GROUP}/{layer}", array.shape, str(array.dtype), chunk)
+        store.write(f"{LAYERS_GROUP}/{layer}", 0, array)
+    if inputs is not None:
+        store.create_array(INPUTS_ARRAY, inputs.shape, str(inputs.dtype), chunk)
+        store.write(INPUTS_ARRAY, 0, inputs)
+    store.write_info(StoreInfo(
+        model_name=name, layers=list(layers), n_samples=n, chunk_samples=chunk,
+        samples_done=n if complete else chunk, fingerprint=fingerprint, complete=complete,
+        inputs_stored=inputs is not None, input_shape=list(inputs.shape[1:]) if inputs is not None else [],
+    ))
+    return ZarrStore(path)
+
+
+def zoo(seed=0, n=N):
+    """Inputs and two models' layers (float32, per-sample shapes kept), some wider than n."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.normal(size=(n, 12)).astype(np.float32)
+    h = np.maximum(inputs @ rng.normal(size=(12, 60)), 0)
+    a = {
+        "conv": (h[:, :48].reshape(n, 3, 4, 4) + 0.1 * rng.normal(size=(n, 3, 4, 4))).astype(np.float32),
+        "wide": np.tanh(h @ rng.normal(size=(60, 90))).astype(np.float32),
+        "fc": (h @ rng.normal(size=(60, 5)) + 4.0).astype(np.float32),
+    }
+    b = {
+        "l1": (inputs @ rng.normal(size=(12, 20)) + rng.normal(size=(n, 20))).astype(np.float32),
+        "l2": np.maximum(h @ rng.normal(size=(60, 8)), 0).astype(np.float32),
+    }
+    return inputs, a, b
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    inputs, a, b = zoo()
+    made = {}
+    for chunk in (5, 16, N):
+        made[chunk] = (write_store(root / f"a{chunk}.zarr", "A", a, inputs, chunk=chunk),
+                       write_store(root / f"b{chunk}.zarr", "B", b, inputs, chunk=chunk))
+    return inputs, a, b, made
+
+
+MEASURES = [
+    ("cka", {"route": "gram"}), ("cka", {"route": "features"}), ("cka_debiased", {"route": "gram"}),
+    ("cka_debiased", {"route": "features"}), ("cka_rbf", {"threshold": 0.6}), ("cka_minibatch", {"batch_size": 8}),
+    ("dcka", {}), ("dcka", {"psd": True}),
+]
+
+
+def _expected(a, b, inputs, name, options):
+    kw = {"confounder": inputs} if name == "dcka" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the minibatch estimator warns about the dropped partial batch
+        return np.array([[compare(x, y, name, **kw, **options) for y in b.values()] for x in a.values()])
+
+
+@pytest.mark.parametrize("chunk,budget", [(5, None), (16, None), (N, None), (16, 1), (5, 4000)])
+def test_store_path_equals_compare(stores, chunk, budget, monkeypatch):
+    inputs, a, b, made = stores
+    if budget == 1:
+        # a budget of one byte forces the blocked Gram path of layer_gram: it never builds the one-shot Gram
+        one_shot = statistics.linear_gram
+
+        def refuse(x):
+            if len(x) == N:  # (per-batch Grams of the minibatch estimator are fine)
+                raise AssertionError("the one-shot Gram path was used despite the small memory budget")
+            return one_shot(x)
+
+        monkeypatch.setattr(statistics, "linear_gram", refuse)
+    engine = Engine(list(made[chunk]), device="cpu", memory_budget=budget or statistics.DEFAULT_MEMORY_BUDGET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = engine.run(MEASURES, [(0, 1)])
+    for (name, options), result in zip(MEASURES, results):
+        assert result.rows == list(a) and result.cols == list(b)
+        np.testing.assert_allclose(result.matrix, _expected(a, b, inputs, name, options), atol=1e-10, rtol=0,
+                                   err_msg=f"{name} {options}")
+        if options.get("route") == "features":
+            assert result.extras == {"route": "features"}
+
+
+@pytest.mark.parametrize("budget", [1, 100_000, 10**9])
+def test_layer_gram_blocked_equals_numpy(stores, budget):
+    _, a, _, made = stores
+    for chunk in (5, 16):
+        got = statistics.layer_gram(made[chunk][0], "wide", torch.device("cpu"), budget).numpy()
+        x = a["wide"].astype(np.float64)
+        np.testing.assert_allclose(got, x @ x.T, atol=1e-10, rtol=1e-12)
+
+
+def test_each_statistic_is_computed_once_and_reused(stores):
+    _, a, b, made = stores
+    engine = Engine(list(made[16]), device="cpu")
+    engine.run([("cka", {"route": "gram"}), ("cka_debiased", {"route": "gram"}), ("cka_rbf", {}), ("dcka", {})],
+               [(0, 0), (0, 1), (1, 1)])
+    assert engine.statistics_computed == len(a) + len(b)  # one Gram per layer, shared by 4 measures × 3 pairs
+
+
+def test_self_comparison_is_symmetric_with_unit_diagonal(stores):
+    _, a, _, made = stores
+    engine = Engine(list(made[5]), device="cpu")
+    for name, options in [("cka", {"route": "gram"}), ("cka", {"route": "features"}), ("cka_debiased", {}),
+                          ("cka_rbf", {}), ("dcka", {})]:
+        m = engine.run([(name, options)], [(0, 0)])[0].matrix
+        np.testing.assert_allclose(m, m.T, atol=1e-12)
+        np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-10)
+
+
+def test_feature_route_streams_with_budget_smaller_than_a_chunk(stores):
+    _, a, b, made = stores
+    gram = Engine(list(made[16]), device="cpu").run([("cka_debiased", {"route": "gram"})], [(0, 1)])[0].matrix
+    tiny = Engine(list(made[16]), device="cpu", memory_budget=2000)
+    feat = tiny.run([("cka_debiased", {"route": "features"}), ("cka", {"route": "features"})], [(0, 1)])
+    np.testing.assert_allclose(feat[0].matrix, gram, atol=1e-10, rtol=0)
+    assert tiny.statistics_computed == 1  # one streamed pass gives both biased and debiased CKA
+
+
+def test_layer_selection_and_best_matches(stores):
+    _, a, b, made = stores
+    engine = Engine(list(made[16]), device="cpu", layers=["c*", "fc", "l?"])
+    result = engine.run([("cka", {})], [(0, 1)])[0]
+    assert result.rows == ["conv", "fc"] and result.cols == ["l1", "l2"]
+    for row, col, value in result.best_matches():
+        i = result.rows.index(row)
+        assert value == result.matrix[i].max() and col == result.cols[int(np.argmax(result.matrix[i]))]
+    with pytest.raises(MeasureError, match="match no layer"):
+        Engine(list(made[16]), device="cpu", layers=["nothing*"])
+
+
+def test_pair_matrices_sync_to_host_per_layer_not_per_entry(stores, monkeypatch):
+    _, a, b, made = stores
+    engine = Engine(list(made[16]), device="cpu")
+    calls = {"n": 0}
+    for name in ("item", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            calls["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    engine.run([("cka", {"route": "gram"}), ("cka", {"route": "features"})], [(0, 1)])
+    n_layers = len(a) + len(b)
+    assert calls["n"] <= n_layers + 2  # one per layer (its self-similarity check) plus one per feature-route result
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(MeasureError, match="CUDA is not available; use cpu"):
+        default_device("cuda")
+    assert default_device(None).type == "cpu"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_incomparable_and_incomplete_stores_are_refused(tmp_path):
+    inputs, a, b = zoo()
+    good = write_store(tmp_path / "a.zarr", "A", a, inputs)
+    other_data = write_store(tmp_path / "b.zarr", "B", b, inputs, fingerprint="sha256:other")
+    with pytest.raises(StoreError, match="not extracted from the same data"):
+        Engine([good, other_data], device="cpu")
+    _, _, b_short = zoo(n=30)
+    fewer = write_store(tmp_path / "c.zarr", "C", b_short, fingerprint="sha256:test")
+    with pytest.raises(StoreError, match="45 vs 30 samples"):
+        Engine([good, fewer], device="cpu")
+    partial = write_store(tmp_path / "d.zarr", "D", b, inputs, complete=False)
+    with pytest.raises(StoreError, match="incomplete .*rerun the same `pipeline.py extract`"):
+        Engine([good, partial], device="cpu")
+    with pytest.raises(StoreError, match="incomplete"):
+        Engine([partial], device="cpu")
+
+
+@pytest.mark.parametrize("route", ["gram", "features"])
+def test_nan_in_a_store_names_layer_and_samples(tmp_path, route):
+    inputs, a, b = zoo()
+    a["wide"][17, 3] = np.nan
+    a["wide"][19, 0] = np.inf
+    engine = Engine([write_store(tmp_path / "a.zarr", "A", a, inputs, chunk=5),
+                     write_store(tmp_path / "b.zarr", "B", b, inputs, chunk=5)], device="cpu")
+    with pytest.raises(MeasureError, match=r"layer 'wide' of store .*a\.zarr holds NaN or Inf in 2 sample\(s\), "
+                                           r"between sample 17 and 19"):
+        engine.run([("cka", {"route": route})], [(0, 1)])
+
+
+@pytest.mark.parametrize("name,options", [("cka", {"route": "gram"}), ("cka", {"route": "features"}),
+                                          ("cka_debiased", {"route": "features"}), ("cka_rbf", {}), ("dcka", {})])
+def test_constant_layer_raises_or_gives_nan_with_a_warning(tmp_path, name, options):
+    inputs, a, b = zoo()
+    b["l2"] = np.full_like(b["l2"], 0.5)
+    engine = Engine([write_store(tmp_path / "a.zarr", "A", a, inputs),
+                     write_store(tmp_path / "b.zarr", "B", b, inputs)], device="cpu")
+    with pytest.raises(MeasureError, match=r"undefined for layer 'l2' .*--layers, or pass --undefined nan"):
+        engine.run([(name, options)], [(0, 1)])
+    lenient = Engine(engine.stores, device="cpu", undefined="nan")
+    with pytest.warns(UserWarning, match="undefined for layer 'l2'"):
+        m = lenient.run([(name, options)], [(0, 1)])[0].matrix
+    assert np.isnan(m[:, 1]).all() and np.isfinite(m[:, 0]).all()
+
+
+def test_dcka_without_inputs_and_debiased_with_too_few_samples(tmp_path):
+    inputs, a, b = zoo()
+    engine = Engine([write_store(tmp_path / "a.zarr", "A", a), write_store(tmp_path / "b.zarr", "B", b)],
+                    device="cpu")
+    with pytest.raises(MeasureError, match="none of the stores holds them"):
+        engine.run([("dcka", {})], [(0, 1)])
+    _, a3, b3 = zoo(n=3)
+    tiny = Engine([write_store(tmp_path / "a3.zarr", "A", a3), write_store(tmp_path / "b3.zarr", "B", b3)],
+                  device="cpu")
+    for route in ("gram", "features"):
+        with pytest.raises(MeasureError, match="at least 4 samples"):
+            tiny.run([("cka_debiased", {"route": route})], [(0, 1)])
+    with pytest.raises(MeasureError, match="Unknown measure"):
+        engine.run([("cca_typo", {})], [(0, 1)])
+    with pytest.raises(MeasureError, match="Unknown option"):
+        engine.run([("cka", {"bandwidth": 1})], [(0, 1)])
