@@ -111,7 +111,10 @@ def _extract_jobs(args: argparse.Namespace) -> tuple[list[dict], dict]:
         path = Path(args.config)
         if not path.is_file():
             raise CommandError(f"Config file {path} does not exist.")
-        config = tomllib.loads(path.read_text())
+        try:
+            config = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise CommandError(f"Config file {path} is not valid TOML: {exc}; fix the syntax.") from None
         unknown = set(config) - {"data", "out", "batch_size", "dtype", "device", "no_inputs", "models"}
         if unknown:
             raise CommandError(f"Unknown keys {sorted(unknown)} in {path}; allowed: data, out, batch_size, dtype, "
@@ -119,7 +122,7 @@ def _extract_jobs(args: argparse.Namespace) -> tuple[list[dict], dict]:
     shared = {
         "data": args.data or config.get("data"),
         "out": Path(args.out or config.get("out") or DEFAULT_ACTIVATIONS),
-        "batch_size": args.batch_size or config.get("batch_size") or 128,
+        "batch_size": next(b for b in (args.batch_size, config.get("batch_size"), 128) if b is not None),
         "dtype": args.dtype or config.get("dtype") or "float32",
         "device": args.device or config.get("device"),
         "store_inputs": not (args.no_inputs or config.get("no_inputs", False)),

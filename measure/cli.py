@@ -38,6 +38,16 @@ examples:
 """
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the memory budget must be positive, got {text}")
+    return value
+
+
 def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = MEASURE_EXAMPLE
     parser.add_argument("stores", nargs="*", help="stores, folders of stores, or globs (default data/activations)")
@@ -47,7 +57,7 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--layers", nargs="+", metavar="PATTERN", help="layer names or globs to compare")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--memory-budget", type=float, default=1.0, metavar="GIB",
+    parser.add_argument("--memory-budget", type=_positive_float, default=1.0, metavar="GIB",
                         help="GiB of features held at once while building Grams (default 1)")
     parser.add_argument("--undefined", choices=["raise", "nan"], default="raise",
                         help="undefined values (constant layers...): stop with an error, or write NaN")
