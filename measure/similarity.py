@@ -52,7 +52,9 @@ def capture(sim_models: list[SimilarityModel], dataloader: Iterable, device: tor
                 for store_parts, model in zip(parts, sim_models):
                     outputs = model.forward(_to_device(inputs, device))
                     for key, tensor in outputs.items():
-                        store_parts.setdefault(f"{LAYERS_GROUP}/{key}", []).append(tensor.float().cpu().numpy())
+                        # float64 activations stay float64 (exact); others are held as float32, as in stores
+                        kept = tensor if tensor.dtype == torch.float64 else tensor.float()
+                        store_parts.setdefault(f"{LAYERS_GROUP}/{key}", []).append(kept.cpu().numpy())
                     if store_inputs:
                         store_parts.setdefault(INPUTS_ARRAY, []).append(rows)
         finally:
