@@ -36,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,32 @@ def engine_matrix(paths: list[Path], measure: str, options: dict[str, Any], devi
     return engine.run([(measure, options)], [(0, 1)])[0].matrix
 
 
+@contextmanager
+def rowsum_finite_check() -> Iterator[bool]:
+    """What-if: ``measure.statistics`` checks blocks with a row-sum test first (exact fallback when it fires).
+
+    A NaN or Inf in a row makes that row's float64 sum non-finite, so the test has no false negatives; a
+    row sum can overflow only for huge float64 inputs, and then the original exhaustive check decides.
+    Yields False (and patches nothing) when ``measure.statistics`` no longer calls ``check_finite``.
+    """
+    import measure.statistics as statistics
+
+    original = getattr(statistics, "check_finite", None)
+    if original is None:
+        yield False
+        return
+
+    def fast(x: torch.Tensor, what: str, offset: int = 0) -> None:
+        if not bool(torch.isfinite(x.reshape(len(x), -1).sum(dim=1)).all()):
+            original(x, what, offset)
+
+    statistics.check_finite = fast
+    try:
+        yield True
+    finally:
+        statistics.check_finite = original
+
+
 def batch_mean_biased_cka(paths: list[Path], batch_size: int, device: torch.device) -> np.ndarray:
     """Mean over consecutive batches of the per-batch biased linear CKA matrix — what simtorch means to report."""
     from measure.functional._bilinear import bilinear_matrix
@@ -163,8 +190,42 @@ def gram_throughput(path: Path, layer: str, device: torch.device) -> dict[str, f
     x = layer_features(store, layer, device)  # float64 (n, p), already on the device
     ref, t_ref = timed(lambda: torch.matmul(x, x.T), device)
     assert torch.allclose(gram, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "layer_gram != X Xᵀ"
+    tri, t_tri = timed(lambda: upper_blocks_gram(x), device)
+    assert torch.allclose(tri, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "upper_blocks_gram != X Xᵀ"
     return {"n": n, "p": p, "ours_s": t_ours, "ref_s": t_ref, "ours_gflops": flops / t_ours / 1e9,
-            "ref_gflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours}
+            "ref_gflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours, "tri_s": t_tri,
+            "tri_gflops": flops / t_tri / 1e9, **gram_breakdown(store, layer, device)}
+
+
+def upper_blocks_gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """X Xᵀ from the products on and above the diagonal of a ``blocks`` × ``blocks`` row-block grid.
+
+    Uses (blocks + 1) / (2 · blocks) of the flops of ``x @ x.T`` (torch does not call BLAS syrk for it).
+    """
+    n = len(x)
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    out = torch.empty((n, n), dtype=x.dtype, device=x.device)
+    for a0, a1 in zip(edges[:-1], edges[1:]):
+        strip = x[a0:a1] @ x[a0:].T
+        out[a0:a1, a0:] = strip
+        out[a1:, a0:a1] = strip[:, a1 - a0:].T
+    return out
+
+
+def gram_breakdown(store: Any, layer: str, device: torch.device) -> dict[str, float]:
+    """Seconds of the steps ``layer_gram`` takes besides the product, done one by one on the whole layer.
+
+    read (Zarr decode of every chunk), to_float64 (host → device and the float64 copy), check_finite
+    (``measure._checks.check_finite``, as ``iter_row_blocks`` calls it), and — for comparison — a row-sum
+    finiteness test ``isfinite(X.sum(1))``, which is exact for float64 sums of float32/float16 data.
+    """
+    from measure._checks import check_finite
+
+    array, t_read = timed(lambda: store.read_layer(layer), device)
+    x, t_conv = timed(lambda: torch.from_numpy(array).to(device).reshape(len(array), -1).to(torch.float64), device)
+    _, t_check = timed(lambda: check_finite(x, layer), device)
+    _, t_rowsum = timed(lambda: bool(torch.isfinite(x.sum(dim=1)).all()), device)
+    return {"read_s": t_read, "to_float64_s": t_conv, "check_finite_s": t_check, "rowsum_check_s": t_rowsum}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -182,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch requirement for the simtorch venv (default: this venv's version)")
     parser.add_argument("--skip-simtorch", action="store_true", help="only our rows (no venv needed)")
     parser.add_argument("--skip-inmemory", action="store_true", help="skip row (c)")
+    parser.add_argument("--no-what-if", action="store_true", help="skip row (b*)")
     parser.add_argument("--quick", action="store_true", help="n=512, batch 128, width 8: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models/stores here (default: temp, removed)")
@@ -274,6 +336,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         mb, t_mb = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device), device)
         rows.append(_row(f"(b) our measure from stores, `cka_minibatch(batch_size={b})`", t_mb, t_sim, mb[0, 0],
                          f"mean abs diff vs exact {np.abs(mb - exact).mean():.4f}"))
+        if not args.no_what_if:
+            with rowsum_finite_check() as patched:
+                if patched:
+                    log("(b*) what-if: (b) with a row-sum finiteness test ...")
+                    mb2, t_mb2 = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device),
+                                       device)
+                    rows.append(_row("(b*) what-if: (b) with a row-sum NaN/Inf test (not in measure/)", t_mb2, t_sim,
+                                     mb2[0, 0], f"max abs diff vs (b) {np.abs(mb2 - mb).max():.1e}"))
         rows.append(_row("(a′) our extract + measure, `cka_minibatch` = extract of (a) + (b)", t_extract + t_mb,
                          t_sim, mb[0, 0], "same estimator and batches as (b)"))
         rows.append(_row("(b′) our measure from stores, exact `cka` = measure part of (a)", t_exact, t_sim,
@@ -303,6 +373,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                          f"{g['ours_gflops']:.1f} GFLOP/s = {100 * g['ratio']:.0f} % of torch.matmul"))
         rows.append(_row("`torch.matmul(X, X.T)`, same shape and dtype, in memory", g["ref_s"], None, None,
                          f"{g['ref_gflops']:.1f} GFLOP/s"))
+        rows.append(_row("`X Xᵀ` from 4×4 upper row blocks (not in measure/), same shape", g["tri_s"], None, None,
+                         f"{g['tri_gflops']:.1f} effective GFLOP/s (10/16 of the flops)"))
+        rows.append(_row("… `layer_gram`'s other steps, timed one by one", None, None, None,
+                         f"Zarr read {g['read_s']:.2f} s, float64 copy {g['to_float64_s']:.2f} s, check_finite "
+                         f"{g['check_finite_s']:.2f} s (a row-sum test: {g['rowsum_check_s']:.2f} s)"))
         flops_exact = 2 * 2.0 * n * n * sum(widths.values())
         flops_mb = 2 * 2.0 * (n // b) * b * b * sum(widths.values())
         results.update(exact_matrix=exact.tolist(), minibatch_matrix=mb.tolist(), batch_mean_matrix=check.tolist(),
