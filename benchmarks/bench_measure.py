@@ -271,6 +271,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_diagonal(results: dict[str, Any]) -> str:
+    """CKA of each layer with the same layer of the other model, by estimator (a Markdown table)."""
+    columns = [("exact `cka` (a)", results["exact_matrix"]), (f"`cka_minibatch` b={results['batch_size']} (b)",
+                                                                 results["minibatch_matrix"]),
+               ("mean of per-batch biased CKA (check)", results["batch_mean_matrix"])]
+    if "values" in results:
+        columns += [("simtorch ×L1/n_batches", results["values"]["simtorch_batch_mean"]),
+                    ("simtorch raw output", results["values"]["simtorch_raw"])]
+    lines = ["| layer | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for i, layer in enumerate(LAYERS):
+        lines.append(f"| {layer} | " + " | ".join(f"{np.asarray(m)[i, i]:.4f}" for _, m in columns) + " |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -356,13 +370,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             mem, t_mem = timed(lambda: CKA(sims[0], sims[1], device=device).compute(loader), device)
             rows.append(_row("(c) our in-memory `measure.CKA(...).compute(loader)`, exact", t_mem, t_sim, mem[0, 0],
                              f"max abs diff vs (a) {np.abs(mem - exact).max():.1e}"))
+            if np.abs(mem - exact).max() > 1e-8:
+                raise BenchError(f"(c) and (a) disagree by {np.abs(mem - exact).max():.2e}: a bug in measure/.")
             results["inmemory_matrix"] = mem.tolist()
 
         log("check: our mean of per-batch biased CKA (not timed) ...")
         check = batch_mean_biased_cka(paths, b, device)
         note = ""
         if t_sim is not None:
-            note = f"max abs diff vs simtorch ×{len(LAYERS)}/{n_batches}: {np.abs(check - rescaled).max():.1e}"
+            gap = np.abs(check - rescaled).max()
+            note = f"max abs diff vs simtorch ×{len(LAYERS)}/{n_batches}: {gap:.1e}"
+            if gap > 1e-4:  # float32 (simtorch) vs float64 (ours) round-off is ~1e-7
+                raise BenchError(f"our per-batch CKA differs from simtorch's by {gap:.2e}: the two runs did not "
+                                 "see the same models, data or batches.")
+            results["values"] = {"simtorch_raw": raw.tolist(), "simtorch_batch_mean": rescaled.tolist()}
         rows.append(_row("check (not timed): our mean of per-batch biased CKA, same batches", None, None,
                          check[0, 0], note))
 
@@ -399,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(results["rows"]))
+    print("\n" + format_diagonal(results))
     gf = results["gflops"]
     print(f"\nGram work of the whole measure stage: exact {gf['measure_exact']:.1f} GFLOP/s, "
           f"minibatch {gf['measure_minibatch']:.1f} GFLOP/s (2·n²·p per layer, both models; reads included).")
