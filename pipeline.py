@@ -233,7 +233,13 @@ def measure_command(args: argparse.Namespace) -> int:
     """Measure every requested pair of stores; see ``measure.cli.run_measure``."""
     from measure.cli import run_measure
 
-    return run_measure(args)
+    with warnings.catch_warnings(record=True) as caught:  # warnings (NaN with --undefined nan...): one line each
+        warnings.simplefilter("default")
+        try:
+            return run_measure(args)
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- info / ls

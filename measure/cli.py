@@ -185,7 +185,7 @@ def run_measure(args: argparse.Namespace) -> int:
                            "Re-extract with distinct --name values.")
     n_stores = len(stores)
     work = sum(len(store_pairs(n_stores, get_measure(m).symmetric)) for m, _ in measures)
-    bar = tqdm(total=work, desc="measure", unit="pair", disable=args.quiet, leave=False)
+    bar = None  # created once the stores are checked, so that refusals print no half-drawn bar
 
     def progress(message: str) -> None:
         if " × " in message:
@@ -201,6 +201,7 @@ def run_measure(args: argparse.Namespace) -> int:
                     cache=cache, reduce=getattr(args, "reduce", None),
                     mixed_reductions=getattr(args, "mixed_reductions", False))
     results = []
+    bar = tqdm(total=work, desc="measure", unit="pair", disable=args.quiet, leave=False)
     try:
         with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
             if client is not None or getattr(args, "scheduler", None) == "threads":
