@@ -166,6 +166,21 @@ def test_pair_matrices_sync_to_host_per_layer_not_per_entry(stores, monkeypatch)
     assert calls["n"] <= n_layers + 2  # one per layer (its self-similarity check) plus one per feature-route result
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_equals_cpu_path(stores):
+    inputs, a, b, made = stores
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpu = Engine(list(made[16]), device="cpu").run(MEASURES, [(0, 1)])
+        gpu = Engine(list(made[16]), device="cuda", memory_budget=4000).run(MEASURES, [(0, 1)])
+    for c, g in zip(cpu, gpu):
+        np.testing.assert_allclose(g.matrix, c.matrix, atol=1e-10, rtol=0, err_msg=c.measure)
+    x, y = torch.from_numpy(a["wide"]).cuda(), torch.from_numpy(b["l1"]).cuda()
+    for route in ("gram", "features"):
+        assert compare(x, y, "cka_debiased", route=route) == pytest.approx(
+            compare(a["wide"], b["l1"], "cka_debiased"), abs=1e-10)
+
+
 def test_cuda_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")

@@ -31,7 +31,8 @@ def confounder_gram(inputs: torch.Tensor) -> torch.Tensor:
     gram = linear_gram(inputs)
     centered = center_gram(gram)
     trace = torch.trace(centered)
-    if not float(trace) > 1e-12 * float(torch.trace(gram).abs()):  # zero up to centring round-off
+    trace_value, raw_trace = torch.stack([trace, torch.trace(gram).abs()]).tolist()  # one host sync
+    if not trace_value > 1e-12 * raw_trace:  # zero up to centring round-off
         raise MeasureError("The confounder (inputs) is constant over samples; dCKA needs varying inputs.")
     return centered / trace
 
@@ -45,7 +46,8 @@ def _dcka_prepare(gram: torch.Tensor, confounder: torch.Tensor, psd: bool = Fals
         )
     centered = center_gram(gram)
     trace = torch.trace(centered)
-    if not float(trace) > 1e-12 * float(torch.trace(gram).abs()):
+    trace_value, raw_trace = torch.stack([trace, torch.trace(gram).abs()]).tolist()  # one host sync
+    if not trace_value > 1e-12 * raw_trace:
         empty = torch.zeros(gram.numel(), dtype=gram.dtype, device=gram.device)
         return Prepared(empty, empty, defined=False, reason="the layer is constant over samples")
     k = centered / trace
@@ -55,7 +57,8 @@ def _dcka_prepare(gram: torch.Tensor, confounder: torch.Tensor, psd: bool = Fals
     beta = torch.sum(k_dev * k0_dev) / k0_ss
     residual = k_dev - beta * k0_dev
     k_ss = torch.sum(k_dev * k_dev)
-    extras = {"variance_explained": float(1 - torch.sum(residual * residual) / k_ss), "beta": float(beta)}
+    explained, beta_value = torch.stack([1 - torch.sum(residual * residual) / k_ss, beta]).tolist()  # one sync
+    extras = {"variance_explained": explained, "beta": beta_value}
     if psd:
         eigvals, eigvecs = torch.linalg.eigh(residual)
         residual = (eigvecs * eigvals.clamp_min(0)) @ eigvecs.T
