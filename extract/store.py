@@ -252,13 +252,27 @@ class ZarrStore(ActivationStore):
         try:
             return np.asarray(array[start:stop])
         except Exception as exc:  # zarr raises codec-specific errors on corrupt chunks
-            chunk = array.chunks[0]
-            first, last = start // chunk, max(start, stop - 1) // chunk
-            raise StoreError(
-                f"{self}: array {key!r}, rows {start}:{stop} (chunks {first}..{last}) "
-                f"could not be decoded ({type(exc).__name__}: {exc}). The chunk is corrupt or missing; "
-                "re-extract the store with `pipeline.py extract --force`."
-            ) from exc
+            raise self._corrupt_chunk_error(key, array, start, stop, exc) from exc
+
+    def _corrupt_chunk_error(self, key: str, array, start: int, stop: int, exc: Exception) -> StoreError:
+        """Decode the chunks of rows ``start:stop`` one by one to name the first that fails."""
+        rows = array.chunks[0]
+        for index in range(start // rows, max(start, stop - 1) // rows + 1):
+            lo, hi = index * rows, min(array.shape[0], (index + 1) * rows)
+            try:
+                array[lo:hi]
+            except Exception as chunk_exc:
+                what = "checksum mismatch (crc32c)" if "checksum" in str(chunk_exc).lower() else "decoding failed"
+                chunk_key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+                return StoreError(
+                    f"{self}: array {key!r}, chunk {index} (rows {lo}:{hi}, file {key}/{chunk_key}): {what} "
+                    f"({type(chunk_exc).__name__}: {chunk_exc}). The chunk is corrupt; re-extract the store "
+                    "with `pipeline.py extract --force`."
+                )
+        return StoreError(
+            f"{self}: array {key!r}, rows {start}:{stop} could not be read ({type(exc).__name__}: {exc}); "
+            "re-extract the store with `pipeline.py extract --force`."
+        )
 
     def zarr_array(self, key: str):
         """The underlying ``zarr.Array`` (for dask.array.from_zarr)."""

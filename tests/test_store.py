@@ -1,0 +1,163 @@
+"""Activation stores: one behaviour class for every backend, the on-disk format, checksums."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract import ActivationStore, MemoryStore, StoreError, StoreInfo, ZarrStore, open_store
+from extract.runner import chunk_samples
+
+
+class StoreTests:
+    """Behaviour every ``ActivationStore`` backend shares; subclasses set ``make``."""
+
+    def make(self, tmp_path: Path) -> ActivationStore:
+        raise NotImplementedError
+
+    def test_roundtrip_rows_and_info(self, tmp_path):
+        store = self.make(tmp_path)
+        info = StoreInfo(model_name="m", layers=["a", "b"], n_samples=10, chunk_samples=4)
+        store.write_info(info)
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((10, 3, 2)).astype(np.float32)
+        b = rng.standard_normal((10, 5)).astype(np.float16)
+        store.create_array("layers/a", a.shape, "float32", 4)
+        store.create_array("layers/b", b.shape, "float16", 4)
+        for start in (0, 4, 8):  # whole chunks, the last one partial
+            store.write("layers/a", start, a[start : start + 4])
+            store.write("layers/b", start, b[start : start + 4])
+        assert store.layers == ["a", "b"] and store.n_samples == 10 and store.name == "m"
+        assert store.layer_shape("a") == (3, 2)
+        np.testing.assert_array_equal(store.read_layer("a"), a)
+        np.testing.assert_array_equal(store.read_layer("a", 3, 7), a[3:7])
+        assert store.read_layer("b").dtype == np.float16
+        np.testing.assert_array_equal(store.read_layer("b"), b)
+        assert store.has_array("layers/a") and not store.has_array("layers/zzz")
+
+    def test_unknown_layer_names_the_layers(self, tmp_path):
+        store = self.make(tmp_path)
+        store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=2))
+        with pytest.raises(StoreError, match=r"has no layer 'b'; its layers are \['a'\]"):
+            store.read_layer("b")
+
+    def test_missing_inputs_explain_the_fix(self, tmp_path):
+        store = self.make(tmp_path)
+        store.write_info(StoreInfo(model_name="m", layers=[], n_samples=2, inputs_stored=False))
+        with pytest.raises(StoreError, match="holds no inputs.*--no-inputs"):
+            store.read_inputs()
+
+    def test_incomplete_store_is_refused(self, tmp_path):
+        store = self.make(tmp_path)
+        store.write_info(StoreInfo(model_name="m", n_samples=10, samples_done=4))
+        with pytest.raises(StoreError, match="incomplete \\(4 of 10 samples"):
+            store.require_complete()
+        info = store.info
+        info.complete, info.samples_done = True, 10
+        store.write_info(info)
+        store.require_complete()
+
+
+class TestMemoryStore(StoreTests):
+    def make(self, tmp_path):
+        return MemoryStore()
+
+
+class TestZarrStore(StoreTests):
+    def make(self, tmp_path):
+        return ZarrStore(tmp_path / "s.zarr", read_only=False, create=True)
+
+    def test_read_only_refuses_writes(self, tmp_path):
+        store = self.make(tmp_path)
+        store.write_info(StoreInfo(model_name="m"))
+        store.create_array("layers/a", (2, 2), "float32", 2)
+        reopened = ZarrStore(tmp_path / "s.zarr")
+        with pytest.raises(StoreError, match="read-only; open it with read_only=False"):
+            reopened.write("layers/a", 0, np.zeros((2, 2), np.float32))
+        with pytest.raises(StoreError, match="read-only"):
+            reopened.write_info(StoreInfo(model_name="x"))
+
+
+def _complete_store(tmp_path: Path, n: int = 50, chunk: int = 8) -> tuple[Path, np.ndarray]:
+    path = tmp_path / "c.zarr"
+    store = ZarrStore(path, read_only=False, create=True)
+    x = np.random.default_rng(1).standard_normal((n, 6, 5)).astype(np.float32)
+    store.create_array("layers/conv", x.shape, "float32", chunk)
+    for start in range(0, n, chunk):
+        store.write("layers/conv", start, x[start : start + chunk])
+    store.write_info(StoreInfo(model_name="m", layers=["conv"], n_samples=n, chunk_samples=chunk,
+                               samples_done=n, complete=True))
+    return path, x
+
+
+def test_format_is_plain_zarr_and_dask(tmp_path):
+    import dask.array as da
+    import zarr
+
+    path, x = _complete_store(tmp_path)
+    group = zarr.open_group(path, mode="r")
+    attrs = group.attrs["simtorch"]
+    assert attrs["layers"] == ["conv"] and attrs["complete"] is True and attrs["n_samples"] == 50
+    array = group["layers/conv"]
+    assert array.chunks == (8, 6, 5)  # chunked along samples only
+    codecs = json.loads((path / "layers" / "conv" / "zarr.json").read_text())["codecs"]
+    assert [c["name"] for c in codecs] == ["bytes", "blosc", "crc32c"]
+    assert codecs[1]["configuration"]["cname"] == "lz4"
+    np.testing.assert_array_equal(array[:], x)
+    np.testing.assert_allclose(da.from_zarr(array).mean(axis=0).compute(), x.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_index", [0, 3, 6])
+def test_flipped_byte_in_a_chunk_is_detected(tmp_path, chunk_index):
+    path, x = _complete_store(tmp_path)
+    chunk_file = path / "layers" / "conv" / "c" / str(chunk_index) / "0" / "0"
+    raw = bytearray(chunk_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk_file.write_bytes(bytes(raw))
+    store = ZarrStore(path)
+    rows = f"{chunk_index * 8}:{min(50, chunk_index * 8 + 8)}"
+    with pytest.raises(StoreError) as excinfo:
+        store.read_layer("conv")
+    message = str(excinfo.value)
+    assert str(path) in message and "'layers/conv'" in message
+    assert f"chunk {chunk_index} (rows {rows}, file layers/conv/c/{chunk_index}/0/0)" in message
+    assert "checksum mismatch (crc32c)" in message
+    assert "--force" in message
+    # the other chunks still read
+    other = 1 if chunk_index == 0 else 0
+    np.testing.assert_array_equal(store.read_layer("conv", other * 8, other * 8 + 8), x[other * 8 : other * 8 + 8])
+
+
+def test_open_store_by_type(tmp_path):
+    path, _ = _complete_store(tmp_path)
+    assert isinstance(open_store(path), ZarrStore)
+    assert isinstance(open_store(str(path)), ZarrStore)
+    memory = MemoryStore()
+    assert open_store(memory) is memory
+    with pytest.raises(TypeError, match="got int"):
+        open_store(3)
+    with pytest.raises(StoreError, match="No store at"):
+        open_store(tmp_path / "missing.zarr")
+
+
+def test_a_zarr_group_that_is_not_a_store(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(StoreError, match="not a simtorch store"):
+        ZarrStore(tmp_path / "plain.zarr")
+
+
+@pytest.mark.parametrize(("bytes_per_sample", "n", "chunk_bytes", "expected"), [
+    (4096, 540, 4 * 2**20, 540),  # fits in one chunk
+    (4096, 1797, 4 * 2**20, 899),  # two even chunks, not 1024 + 773
+    (10, 7, 1, 1),  # at least one row per chunk
+    (100, 1000, 1000, 10),
+])
+def test_chunk_rows_are_even_and_bounded(bytes_per_sample, n, chunk_bytes, expected):
+    rows = chunk_samples(bytes_per_sample, n, chunk_bytes)
+    assert rows == expected
+    assert rows * bytes_per_sample <= max(chunk_bytes, bytes_per_sample)
