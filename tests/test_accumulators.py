@@ -176,3 +176,13 @@ def test_route_rule():
     assert choose_route("auto", 20000, [50000], [50000]) == "gram"  # the features would be larger still
     with pytest.raises(MeasureError, match="route must be"):
         choose_route("fastest", 10, [1], [1])
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    for name in ("measure.accumulators.cka", "measure.functional.cka"):
+        module = importlib.import_module(name)  # (the package re-exports a function named cka)
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, name

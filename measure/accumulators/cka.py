@@ -81,7 +81,7 @@ class LinearCKAMatrix(Accumulator):
     ...     acc.update([x[rows]], [y[rows], 2 * x[rows]])
     >>> out = acc.compute()
     >>> [round(v, 6) for v in out["cka"][0].tolist()]
-    [0.057838, 1.0]
+    [0.040745, 1.0]
     """
 
     def __init__(self, *, shift: Literal["first", "none"] = "first") -> None:
