@@ -4,14 +4,20 @@
 models over the loader once, captures their layers into ``MemoryStore``s and
 measures them with the same ``Engine`` that ``pipeline.py measure`` uses, so
 the matrix is exact over every sample of the loader — equal to ``compare`` on
-the concatenated activations — and not an average of per-batch scores.
+the concatenated activations — and not an average of per-batch scores. For
+linear CKA on the feature route (``route="features"``, or "auto" when the
+moments are much smaller than n × n Grams) nothing is stored: each batch goes
+from the hooks straight into a ``LinearCKAMatrix`` accumulator, so memory does
+not grow with the number of samples.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +28,51 @@ from extract.hooks import SimilarityModel
 from extract.runner import _confounder_rows, _model_input, _to_device
 from extract.store import INPUTS_ARRAY, LAYERS_GROUP, MemoryStore, StoreInfo
 
+from ._checks import MeasureError, check_finite
+from .accumulators.cka import LinearCKAMatrix, choose_route
 from .engine import Engine, PairResult, default_device
 from .registry import get_measure
 
 __all__ = ["CKA", "DeconfoundedCKA", "DeltaCKA", "Similarity", "capture"]
 
 
+def _forward_batches(sim_models: list[SimilarityModel], dataloader: Iterable,
+                     device: torch.device) -> Iterator[tuple[np.ndarray, list[dict[str, torch.Tensor]]]]:
+    """Per batch of ``dataloader``: the flattened inputs and each model's captured layer outputs (on device)."""
+    from tqdm.auto import tqdm
+
+    for model in sim_models:
+        model.model.to(device)
+    with torch.inference_mode(), ExitStack() as hooks:
+        for m in sim_models:
+            hooks.enter_context(m.hooked())
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None
+        for batch in tqdm(dataloader, total=total, desc="forward", leave=False):
+            inputs = _model_input(batch)
+            outputs = [model.forward(_to_device(inputs, device)) for model in sim_models]
+            yield _confounder_rows(inputs), outputs
+
+
 def capture(sim_models: list[SimilarityModel], dataloader: Iterable, device: torch.device,
             store_inputs: bool = True) -> list[MemoryStore]:
     """Run every model over ``dataloader`` once and return one complete ``MemoryStore`` per model."""
-    from tqdm.auto import tqdm
+    return _to_stores(sim_models, _forward_batches(sim_models, dataloader, device), store_inputs)
 
+
+def _to_stores(sim_models: list[SimilarityModel], batches: Iterable, store_inputs: bool) -> list[MemoryStore]:
     parts: list[dict[str, list[np.ndarray]]] = [{} for _ in sim_models]
     digest = hashlib.sha256()
     n = 0
-    for model in sim_models:
-        model.model.to(device)
-    with torch.inference_mode():
-        hooked = [m.hooked() for m in sim_models]
-        for h in hooked:
-            h.__enter__()
-        try:
-            total = len(dataloader) if hasattr(dataloader, "__len__") else None
-            for batch in tqdm(dataloader, total=total, desc="forward", leave=False):
-                inputs = _model_input(batch)
-                rows = _confounder_rows(inputs)
-                digest.update(rows.tobytes())
-                n += len(rows)
-                for store_parts, model in zip(parts, sim_models):
-                    outputs = model.forward(_to_device(inputs, device))
-                    for key, tensor in outputs.items():
-                        # float64 activations stay float64 (exact); others are held as float32, as in stores
-                        kept = tensor if tensor.dtype == torch.float64 else tensor.float()
-                        store_parts.setdefault(f"{LAYERS_GROUP}/{key}", []).append(kept.cpu().numpy())
-                    if store_inputs:
-                        store_parts.setdefault(INPUTS_ARRAY, []).append(rows)
-        finally:
-            for h in hooked:
-                h.__exit__(None, None, None)
+    for rows, outputs in batches:
+        digest.update(rows.tobytes())
+        n += len(rows)
+        for store_parts, model_outputs in zip(parts, outputs):
+            for key, tensor in model_outputs.items():
+                # float64 activations stay float64 (exact); others are held as float32, as in stores
+                kept = tensor if tensor.dtype == torch.float64 else tensor.float()
+                store_parts.setdefault(f"{LAYERS_GROUP}/{key}", []).append(kept.cpu().numpy())
+            if store_inputs:
+                store_parts.setdefault(INPUTS_ARRAY, []).append(rows)
     if n == 0:
         raise ValueError("The dataloader yielded no samples.")
     stores = []
@@ -76,6 +89,23 @@ def capture(sim_models: list[SimilarityModel], dataloader: Iterable, device: tor
             info.input_shape = list(store.array_shape(INPUTS_ARRAY)[1:])
         stores.append(store)
     return stores
+
+
+def _stream_moments(sim_models: list[SimilarityModel], batches: Iterable) -> tuple[LinearCKAMatrix, int]:
+    """Feature route from live hooks: each batch goes straight into one ``LinearCKAMatrix``; nothing is stored."""
+    acc = LinearCKAMatrix()
+    n = 0
+    for _, (out1, out2) in batches:
+        xs = [t.reshape(len(t), -1).to(torch.float64) for t in out1.values()]
+        ys = [t.reshape(len(t), -1).to(torch.float64) for t in out2.values()]
+        for model, name, blocks in ((sim_models[0], "sim_model1", xs), (sim_models[1], "sim_model2", ys)):
+            for layer, block in zip(model.layers, blocks):
+                check_finite(block, f"layer {layer!r} of {name} ({model.model_name})", n)
+        acc.update(xs, ys)
+        n += len(xs[0])
+    if n == 0:
+        raise ValueError("The dataloader yielded no samples.")
+    return acc, n
 
 
 class Similarity:
@@ -117,12 +147,46 @@ class Similarity:
         spec = get_measure(self.measure)
         options = spec.resolve_options(self.options)
         device = default_device(self.device)
-        stores = capture([self.sim_model1, self.sim_model2], dataloader, device,
-                         store_inputs=spec.needs_confounder)
+        models = [self.sim_model1, self.sim_model2]
+        batches = _forward_batches(models, dataloader, device)
+        if spec.feature_route:
+            first = next(batches, None)
+            batches = itertools.chain([first] if first is not None else [], batches)
+            if first is not None and self._route(spec, options, dataloader, first) == "features":
+                self.result = self._from_moments(spec, options, *_stream_moments(models, batches))
+                self.sim_matrix = self.result.matrix
+                return self.sim_matrix
+        stores = _to_stores(models, batches, store_inputs=spec.needs_confounder)
         engine = Engine(stores, device=device)
         self.result = engine.run([(self.measure, options)], [(0, 1)])[0]
         self.sim_matrix = self.result.matrix
         return self.sim_matrix
+
+    @staticmethod
+    def _route(spec, options: dict[str, Any], dataloader: Iterable, first) -> str:
+        """The ``route`` option; "auto" decides from the loader's sample count and the first batch's widths."""
+        if options.get("route", "auto") != "auto":
+            return options["route"]
+        dataset = getattr(dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return "gram"  # n unknown up front: keep the activations (exact either way)
+        widths = [[int(np.prod(t.shape[1:])) for t in out.values()] for out in first[1]]
+        return choose_route("auto", len(dataset), *widths)
+
+    def _from_moments(self, spec, options: dict[str, Any], acc: LinearCKAMatrix, n: int) -> PairResult:
+        if spec.feature_route == "cka_debiased" and n < 4:
+            raise MeasureError(f"{spec.name} needs at least 4 samples (unbiased HSIC); the loader yielded {n}.")
+        out = acc.compute()
+        bad_rows, bad_cols = out[f"{spec.feature_route}_undefined"]
+        if bad_rows or bad_cols:
+            model, layer = ((self.sim_model1, self.sim_model1.layers[bad_rows[0]]) if bad_rows
+                            else (self.sim_model2, self.sim_model2.layers[bad_cols[0]]))
+            raise MeasureError(f"{spec.name} is undefined for layer {layer!r} of {model.model_name!r}: its "
+                               "self-HSIC is zero (a constant layer) or negative; leave the layer out.")
+        matrix = out[spec.feature_route].detach().to("cpu", torch.float64).numpy()
+        return PairResult(measure=spec.name, options=options, store_a=self.sim_model1.model_name,
+                          store_b=self.sim_model2.model_name, rows=list(self.sim_model1.layers),
+                          cols=list(self.sim_model2.layers), matrix=matrix, spec=spec, extras={"route": "features"})
 
     def plot_similarity(self, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
                         savefig: bool = False, save_path: str | os.PathLike[str] = "output",

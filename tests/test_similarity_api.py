@@ -117,3 +117,42 @@ def test_bad_arguments():
               device="cpu", bandwidth=3)
     with pytest.raises(MeasureError, match="Unknown option"):
         cka.compute(DataLoader(TensorDataset(_inputs()), batch_size=8))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("route,layers,n", [("features", LAYERS, N), ("auto", ["5", "6"], 200)])
+def test_feature_route_streams_from_the_hooks_without_storing(monkeypatch, unbiased, route, layers, n):
+    import measure.similarity as similarity
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the feature route must not keep the activations")
+
+    monkeypatch.setattr(similarity, "_to_stores", no_store)
+    m1, m2 = _cnn(8), _cnn(9)
+    x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x), batch_size=17, shuffle=False)
+    cka = CKA(SimilarityModel(m1, layers_to_include=layers), SimilarityModel(m2, layers_to_include=layers),
+              device="cpu", unbiased=unbiased, route=route)
+    matrix = cka.compute(loader)
+    name = "cka_debiased" if unbiased else "cka"
+    acts1, acts2 = _by_hand(m1, loader), _by_hand(m2, loader)
+    expected = np.array([[compare(acts1[a], acts2[b], name, route="gram") for b in layers] for a in layers])
+    np.testing.assert_allclose(matrix, expected, atol=1e-10, rtol=0)
+    assert cka.result.extras == {"route": "features"} and cka.result.rows == layers
+
+
+def test_feature_route_from_hooks_reports_nan_and_constant_layers():
+    m1 = _cnn(0)
+    with torch.no_grad():
+        m1[4].weight.zero_()  # layer "5" (tanh of a constant) is constant over samples
+    loader = DataLoader(TensorDataset(_inputs()), batch_size=8)
+    cka = CKA(SimilarityModel(m1, model_name="broken", layers_to_include=LAYERS),
+              SimilarityModel(_cnn(1), layers_to_include=LAYERS), device="cpu", route="features")
+    with pytest.raises(MeasureError, match="undefined for layer '5' of 'broken'"):
+        cka.compute(loader)
+    x = _inputs()
+    x[13, 0, 2, 2] = float("nan")
+    cka = CKA(SimilarityModel(_cnn(0), model_name="A", layers_to_include=LAYERS),
+              SimilarityModel(_cnn(1), layers_to_include=LAYERS), device="cpu", route="features")
+    with pytest.raises(MeasureError, match=r"layer '1' of sim_model1 \(A\) holds NaN or Inf .*sample 13 and 13"):
+        cka.compute(DataLoader(TensorDataset(x), batch_size=8))
