@@ -53,13 +53,21 @@ ROWS = [
 ]
 
 
+TIE = 1e-9  # values this close to the best count as ties (saturated CCA rows are all 1 up to round-off)
+
+
 def correspondence_hits(matrices: dict[tuple[str, str], np.ndarray], distance: bool) -> np.ndarray:
-    """For each layer i, over the ordered pairs (A, B): how often B's best match for A's layer i is layer i."""
+    """For each layer i, over the ordered pairs (A, B): how often B's best match for A's layer i is layer i.
+
+    When several layers of B tie for the best value, a tie that includes layer i counts 1/(number tied).
+    """
     hits = None
     for matrix in matrices.values():
-        values = np.where(np.isnan(matrix), np.inf if distance else -np.inf, matrix)
-        best = values.argmin(axis=1) if distance else values.argmax(axis=1)
-        found = (best == np.arange(len(matrix))).astype(int)
+        values = -matrix if distance else matrix
+        values = np.where(np.isnan(values), -np.inf, values)
+        best = values.max(axis=1, keepdims=True)
+        tied = values >= best - TIE
+        found = np.diag(tied) / tied.sum(axis=1)
         hits = found if hits is None else hits + found
     return hits
 
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         hits = correspondence_hits(matrices, spec.kind == "distance")
         accuracy = hits.sum() / (len(pairs) * len(layers))
         paper_text = f"{paper:6.1f}%" if paper is not None else "      –"
-        per_layer = " ".join(f"{h:6d}" for h in hits)
+        per_layer = " ".join(f"{h:6.2g}" for h in hits)
         print(f"{label:28s} {100 * accuracy:6.1f}% {paper_text}   {' ' * 24}{per_layer}   "
               f"{time.perf_counter() - start:5.1f}s", flush=True)
     return 0
