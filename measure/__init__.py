@@ -1,6 +1,7 @@
 """simtorch stage two: similarity measures between layer representations."""
 
 from ._checks import MeasureError
+from .accumulators import Accumulator, LinearCKA, LinearCKAMatrix
 from .family import CCA, PWCCA, RSA, SVCCA, LinearRegression, MutualKNN, Procrustes
 from .functional import (
     cca,
@@ -39,3 +40,4 @@ __all__ = [
 ]
 __all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MutualKNN", "Procrustes"]
 __all__ += ["bootstrap", "cca", "linreg", "mutual_knn", "permutation_test", "procrustes", "pwcca", "rsa", "svcca"]
+__all__ += ["Accumulator", "LinearCKA", "LinearCKAMatrix"]
