@@ -352,3 +352,19 @@ def test_classes_use_the_registry_entries():
     np.testing.assert_allclose(np.diag(knn), 1.0)
     with pytest.raises(MeasureError, match="output must be"):
         Procrustes(sim, sim, output="cosine")
+
+
+def test_one_decomposition_per_gram_is_shared_by_the_spectral_measures():
+    from measure.functional._spectral import spectral_prepare
+    from measure.functional.gram import linear_gram
+
+    x, _ = _data(30, 6, 2)
+    gram = linear_gram(torch.from_numpy(x))
+    first = spectral_prepare(gram)
+    second = MEASURES["linreg"].prepare(gram)
+    assert second.basis is first.basis  # reused, not recomputed
+    gram.mul_(4)  # an in-place change invalidates it
+    third = spectral_prepare(gram)
+    assert third.basis is not first.basis
+    torch.testing.assert_close(third.eigenvalues, 4 * first.eigenvalues)
+    assert MEASURES["cca"].prepare(gram, output="r2").output == "r2" and spectral_prepare(gram).output == ""

@@ -20,6 +20,7 @@ memory); it is done once per layer and reused for every pair.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -81,6 +82,11 @@ class Spectral:
         return replace(self, basis=self.basis[index])
 
 
+# decompositions of live Gram tensors, so that Procrustes, CCA, SVCCA and linreg on one engine run share one
+# eigendecomposition per layer: id(gram) -> (weak reference to gram, its version counter, Spectral)
+_DECOMPOSED: dict[int, tuple[weakref.ref, int, Spectral]] = {}
+
+
 def spectral_prepare(gram: torch.Tensor, features: torch.Tensor | None = None) -> Spectral:
     """Eigendecomposition of the centred Gram, keeping the non-negligible part.
 
@@ -90,7 +96,26 @@ def spectral_prepare(gram: torch.Tensor, features: torch.Tensor | None = None) -
         The linear Gram K = X Xᵀ, float64.
     features : Tensor of shape (n_samples, n_features), optional
         When given, U_rᵀ Xc is kept as ``projection`` (PWCCA's weights need it).
+
+    The result for a given Gram tensor is remembered while that tensor lives (and is not
+    modified in place), so every spectral measure of an engine run decomposes each layer once.
     """
+    if features is not None:
+        return _decompose(gram, features)
+    key = id(gram)
+    hit = _DECOMPOSED.get(key)
+    if hit is not None and hit[0]() is gram and hit[1] == gram._version:
+        return replace(hit[2], extras=dict(hit[2].extras))
+    spectral = _decompose(gram, None)
+    try:
+        ref = weakref.ref(gram, lambda _, key=key: _DECOMPOSED.pop(key, None))
+    except TypeError:  # not weak-referenceable: no caching
+        return spectral
+    _DECOMPOSED[key] = (ref, gram._version, spectral)
+    return replace(spectral, extras=dict(spectral.extras))
+
+
+def _decompose(gram: torch.Tensor, features: torch.Tensor | None) -> Spectral:
     n = gram.shape[0]
     if n < 2:
         raise MeasureError(f"These measures need at least 2 samples, got {n}.")
