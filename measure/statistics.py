@@ -4,7 +4,8 @@ The Gram matrix K = X Xᵀ (float64, n × n) of a layer is built from row blocks
 of X: when the layer fits the memory budget it is read once (chunk by chunk,
 the next chunk read on a background thread while the device works) and
 multiplied once; otherwise K is assembled block by block, K[a, b] = X_a X_bᵀ,
-holding two row blocks at a time, so peak memory is the budget plus K itself.
+holding one row block while the later rows stream past (``gram_block_rows``),
+so peak memory is the budget plus K itself.
 Every block is checked for NaN/Inf on the device with one host sync.
 """
 
@@ -40,10 +41,11 @@ def _chunk_rows(store: ActivationStore, layer: str | None) -> int:
 
 
 def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop: int, rows: int,
-                    device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+                    device: torch.device, *, check: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset, float64 block on ``device``) for rows start:stop, reading one block ahead on a thread.
 
-    ``layer=None`` reads the stored inputs.
+    ``layer=None`` reads the stored inputs. ``check=False`` skips the per-block NaN/Inf check
+    (``layer_gram`` checks the Gram's diagonal instead, which is cheaper and equivalent).
     """
     what = f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
 
@@ -59,7 +61,8 @@ def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop:
             pending = pool.submit(read, offsets[i + 1]) if i + 1 < len(offsets) else None
             block = torch.from_numpy(np.ascontiguousarray(array)).to(device)
             block = block.reshape(len(block), -1).to(torch.float64)
-            check_finite(block, what, offset)
+            if check:
+                check_finite(block, what, offset)
             yield offset, block
 
 
@@ -68,36 +71,80 @@ def _features_bytes(store: ActivationStore, layer: str | None) -> int:
     return int(np.prod(shape, dtype=np.int64)) * 8
 
 
+def _gather(store: ActivationStore, layer: str | None, start: int, stop: int, chunk: int,
+            device: torch.device, check: bool = True) -> torch.Tensor:
+    """Rows start:stop as one float64 (rows, n_features) tensor, filled chunk by chunk in place.
+
+    Preallocating avoids the transient second copy a ``torch.cat`` of the blocks would need.
+    """
+    out = None
+    for offset, block in iter_row_blocks(store, layer, start, stop, chunk, device, check=check):
+        if out is None:
+            out = torch.empty((stop - start, block.shape[1]), dtype=torch.float64, device=device)
+        out[offset - start: offset - start + len(block)] = block
+        del block
+    if out is None:
+        width = _features_bytes(store, layer) // 8
+        out = torch.empty((0, width), dtype=torch.float64, device=device)
+    return out
+
+
 def layer_features(store: ActivationStore, layer: str | None, device: torch.device) -> torch.Tensor:
     """The whole (n_samples, n_features) float64 matrix of ``layer`` (or of the inputs, layer=None)."""
-    rows = _chunk_rows(store, layer)
-    blocks = [b for _, b in iter_row_blocks(store, layer, 0, store.n_samples, rows, device)]
-    return torch.cat(blocks)
+    return _gather(store, layer, 0, store.n_samples, _chunk_rows(store, layer), device)
+
+
+def gram_block_rows(n: int, chunk: int, per_row: int, memory_budget: int) -> tuple[int, int]:
+    """(rows of the held block A, rows of each streamed block B) for an out-of-core Gram.
+
+    ``per_row`` is the float64 bytes of one sample's features. A streamed block costs about twice
+    its float64 size (the decoded block, its float64 copy, the next block read ahead), so B gets
+    one sixth of the budget and A what is left after reading costs (two chunks), in whole chunks
+    so that reads stay aligned. ``A >= n`` means the layer fits and is read once.
+    """
+    overhead = 2 * chunk * per_row
+    if n * per_row + overhead <= memory_budget:
+        return n, n
+    b_rows = max(chunk, (memory_budget // 6) // per_row // chunk * chunk)
+    a_rows = max(chunk, (memory_budget - overhead - 2 * b_rows * per_row) // per_row // chunk * chunk)
+    return a_rows, b_rows
+
+
+def _check_gram_diagonal(gram: torch.Tensor, store: ActivationStore, layer: str | None) -> None:
+    """K[i, i] = Σⱼ x_ij² is NaN or Inf exactly when row i of X holds a NaN or an Inf (one host sync)."""
+    what = f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
+    check_finite(torch.diagonal(gram).reshape(-1, 1), what, 0)
 
 
 def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
                memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
-    """K = X Xᵀ in float64 on ``device``, with at most ``memory_budget`` bytes of X held at once."""
+    """K = X Xᵀ in float64 on ``device``, holding about ``memory_budget`` bytes of X at once.
+
+    Out of core, K is filled block by block, K[A, B] = X_A X_Bᵀ: a block A of rows is held
+    while the rows after it stream past in blocks B, so X is read about n / |A| times and the
+    peak memory is the budget plus K itself (n² float64), whatever the store's size.
+    """
     n = store.n_samples
     chunk = _chunk_rows(store, layer)
     per_row = max(1, _features_bytes(store, layer))
-    # rows per super-block: two super-blocks must fit the budget; whole chunks so reads stay aligned
-    block_rows = max(chunk, (memory_budget // (2 * per_row)) // chunk * chunk)
-    if block_rows >= n:
-        return linear_gram(layer_features(store, layer, device))
+    a_rows, b_rows = gram_block_rows(n, chunk, per_row, memory_budget)
+    if a_rows >= n:
+        gram = linear_gram(_gather(store, layer, 0, n, chunk, device, check=False))
+        _check_gram_diagonal(gram, store, layer)
+        return gram
     gram = torch.empty((n, n), dtype=torch.float64, device=device)
-    for a0 in range(0, n, block_rows):
-        a1 = min(n, a0 + block_rows)
-        xa = torch.cat([b for _, b in iter_row_blocks(store, layer, a0, a1, chunk, device)])
+    for a0 in range(0, n, a_rows):
+        a1 = min(n, a0 + a_rows)
+        xa = _gather(store, layer, a0, a1, chunk, device, check=False)
         gram[a0:a1, a0:a1] = xa @ xa.T
-        for b0 in range(a1, n, block_rows):
-            b1 = min(n, b0 + block_rows)
-            xb = torch.cat([b for _, b in iter_row_blocks(store, layer, b0, b1, chunk, device)])
+        for b0, xb in iter_row_blocks(store, layer, a1, n, b_rows, device, check=False):
+            b1 = b0 + len(xb)
             cross = xa @ xb.T
             gram[a0:a1, b0:b1] = cross
             gram[b0:b1, a0:a1] = cross.T
-            del xb
+            del xb, cross
         del xa
+    _check_gram_diagonal(gram, store, layer)
     return gram
 
 
