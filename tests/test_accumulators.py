@@ -186,3 +186,18 @@ def test_docstring_examples():
         module = importlib.import_module(name)  # (the package re-exports a function named cka)
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_compare_auto_route_takes_features_for_many_samples_and_few_features(monkeypatch):
+    import measure.registry as registry
+
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(3000, 4)), rng.normal(size=(3000, 3))
+    y[:, 0] += x[:, 0]
+    calls = []
+    original = registry._compare_features
+    monkeypatch.setattr(registry, "_compare_features", lambda *a: calls.append(a[0].name) or original(*a))
+    for name in ("cka", "cka_debiased"):
+        auto = compare(x, y, name)
+        assert auto == pytest.approx(compare(x, y, name, route="gram"), abs=1e-10)
+    assert calls == ["cka", "cka_debiased"]

@@ -137,6 +137,18 @@ def test_feature_route_streams_with_budget_smaller_than_a_chunk(stores):
     assert tiny.statistics_computed == 1  # one streamed pass gives both biased and debiased CKA
 
 
+def test_auto_route_takes_features_for_narrow_layers(tmp_path):
+    rng = np.random.default_rng(4)
+    n = 700
+    a = {"x": rng.normal(size=(n, 3)).astype(np.float32), "y": rng.normal(size=(n, 2)).astype(np.float32)}
+    b = {"z": (a["x"][:, :2] + rng.normal(size=(n, 2))).astype(np.float32)}
+    engine = Engine([write_store(tmp_path / "a.zarr", "A", a, chunk=128),
+                     write_store(tmp_path / "b.zarr", "B", b, chunk=128)], device="cpu")
+    auto, gram = engine.run([("cka_debiased", {}), ("cka_debiased", {"route": "gram"})], [(0, 1)])
+    assert auto.extras == {"route": "features"} and gram.extras.get("route") is None
+    np.testing.assert_allclose(auto.matrix, gram.matrix, atol=1e-10, rtol=0)
+
+
 def test_layer_selection_and_best_matches(stores):
     _, a, b, made = stores
     engine = Engine(list(made[16]), device="cpu", layers=["c*", "fc", "l?"])
