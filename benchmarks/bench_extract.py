@@ -90,7 +90,7 @@ def bare_forward(model: nn.Module, data: torch.Tensor, batch_size: int) -> float
     loader, _ = as_loader(data, batch_size)
     started = time.perf_counter()
     with torch.inference_mode():
-        for (batch,) in loader:
+        for batch in loader:
             model(batch)
     return time.perf_counter() - started
 

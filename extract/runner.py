@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .hooks import LayerSelectionError, SimilarityModel
 from .reductions import LayerReducer, rules_key
+from .remote import as_path, remove_tree
 from .store import INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreError, StoreInfo, ZarrStore
 from .text import attention_mask, fingerprint_rows, token_rows
 
@@ -76,8 +76,28 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def as_loader(data: Any, batch_size: int) -> tuple[DataLoader, int]:
-    """A DataLoader that yields the dataset in order, and the number of samples.
+class _ArrayBatches:
+    """Consecutive slices of a tensor or NumPy array (memory-mapped ones included), as tensors.
+
+    Slicing replaces ``DataLoader(TensorDataset(x))``, which indexes and re-stacks every sample; a
+    NumPy slice is copied, so read-only and memory-mapped arrays become ordinary writable tensors.
+    """
+
+    def __init__(self, data: torch.Tensor | np.ndarray, batch_size: int) -> None:
+        self.data = data
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.data), self.batch_size):
+            part = self.data[start : start + self.batch_size]
+            yield torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
+
+
+def as_loader(data: Any, batch_size: int) -> tuple[Any, int]:
+    """An iterable of batches in dataset order, and the number of samples.
 
     ``data`` may be a tensor or NumPy array of shape (n_samples, ...), a
     map-style ``Dataset`` with ``__len__``, or a ``DataLoader`` without
@@ -85,14 +105,14 @@ def as_loader(data: Any, batch_size: int) -> tuple[DataLoader, int]:
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, (np.ndarray, torch.Tensor)):
         if data.ndim < 1 or len(data) == 0:
             raise ValueError(
                 f"Expected data of shape (n_samples, ...) with n_samples > 0, got shape {tuple(data.shape)}."
             )
-        data = TensorDataset(data)
+        if isinstance(data, np.ndarray) and not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+            raise TypeError(f"Expected numeric data, got a NumPy array of dtype {data.dtype}.")
+        return _ArrayBatches(data, batch_size), len(data)
     if isinstance(data, DataLoader):
         if isinstance(data.sampler, RandomSampler):
             raise ValueError(
@@ -309,7 +329,7 @@ def extract(
     run_device = torch.device(device) if device is not None else sim.device
     sim.model.to(run_device)
     loader, n = as_loader(data, batch_size)
-    path = Path(path)
+    path = as_path(path)  # a pathlib.Path, or a UrlPath for s3://... (extract.remote)
     request = _request(sim, dtype, store_inputs, model_spec, weights_digest(sim.model), reduce)
 
     with _exclusive_lock(path):
@@ -343,7 +363,7 @@ def _reusable_info(path: Path, request: dict, force: bool) -> StoreInfo | None:
     if not path.exists():
         return None
     if force:
-        shutil.rmtree(path)
+        remove_tree(path)
         return None
     try:
         info = ZarrStore(path, read_only=True).info
@@ -466,7 +486,7 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
         if writer is not None:
             writer.abort()
         if created_here and store.info.samples_done == 0:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path, ignore_errors=True)
         if isinstance(exc, OSError):
             raise StoreError(
                 f"Writing the store at {path} failed ({exc.strerror or exc}); free disk space or choose a "

@@ -52,7 +52,8 @@ class StoreTests:
 
     def test_incomplete_store_is_refused(self, tmp_path):
         store = self.make(tmp_path)
-        store.write_info(StoreInfo(model_name="m", n_samples=10, samples_done=4))
+        store.create_array("layers/a", (10, 2), "float32", 4)
+        store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=10, samples_done=4))
         with pytest.raises(StoreError, match="incomplete \\(4 of 10 samples"):
             store.require_complete()
         info = store.info
