@@ -73,6 +73,7 @@ class StoreInfo:
     chunk_digests: list[str] = field(default_factory=list)
     reductions: dict[str, str] = field(default_factory=dict)
     request: dict[str, Any] = field(default_factory=dict)
+    integrity: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
@@ -197,12 +198,18 @@ class ZarrStore(ActivationStore):
             ) from exc
         except (ValueError, KeyError, zarr.errors.NodeTypeValidationError) as exc:
             raise StoreError(f"{self.path} is not a readable Zarr v3 group: {exc}") from exc
+        except Exception as exc:  # a lost connection to remote storage gets a clear message
+            _raise_if_unreachable(f"The store {self.path}", exc)
+            raise
         self._info: StoreInfo | None = None
+        self._chunks_checked: set[str] = set()
         if not create and ATTRS_KEY not in self._group.attrs:
             raise StoreError(
                 f"{self.path} is a Zarr group but not a simtorch store (no '{ATTRS_KEY}' attributes); "
                 "point at a store written by `pipeline.py extract`."
             )
+        if read_only and not create:
+            self._verify_integrity()
 
     def __repr__(self) -> str:
         return f"store {self.path}"
@@ -214,9 +221,99 @@ class ZarrStore(ActivationStore):
         return self._info
 
     def write_info(self, info: StoreInfo) -> None:
+        """Write the attributes; a complete store also gets the digests that ``_verify_integrity`` checks."""
         self._check_writable()
+        info.integrity = self._metadata_digests(info) if info.complete else {}
         self._group.attrs[ATTRS_KEY] = asdict(info)
         self._info = StoreInfo.from_dict(asdict(info))
+
+    # --- integrity: chunks carry crc32c; every zarr.json is covered by a digest written at completion
+    def _metadata_documents(self, info: StoreInfo) -> list[str]:
+        arrays = [f"{LAYERS_GROUP}/{layer}" for layer in info.layers]
+        arrays += [k for k in (INPUTS_ARRAY, MASK_ARRAY) if self.has_array(k)]
+        return ["zarr.json", f"{LAYERS_GROUP}/zarr.json", *(f"{key}/zarr.json" for key in arrays)]
+
+    def _read_document(self, name: str) -> Any:
+        """A zarr.json of this store parsed strictly (a flipped bit in a key is not ignored)."""
+        import json
+
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        store_path = self._group.store_path
+        key = f"{store_path.path}/{name}" if store_path.path else name
+        raw = sync(store_path.store.get(key, prototype=default_buffer_prototype()))
+        if raw is None:
+            raise StoreError(f"{self}: metadata file {name} is missing; re-extract with `pipeline.py extract --force`.")
+        try:
+            return json.loads(raw.to_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(
+                f"{self}: metadata file {name} is corrupt ({exc}); re-extract with `pipeline.py extract --force`."
+            ) from exc
+
+    def _metadata_digests(self, info: StoreInfo) -> dict[str, str]:
+        digests = {}
+        for name in self._metadata_documents(info):
+            if name == "zarr.json":  # the root document as it will be once ``info`` is written
+                document = self._read_document(name)
+                document.setdefault("attributes", {})[ATTRS_KEY] = asdict(info)
+            else:
+                document = self._read_document(name)
+            digests[name] = _document_digest(document)
+        return digests
+
+    def _verify_integrity(self) -> None:
+        """Check a complete store's metadata documents against the digests recorded at completion."""
+        try:
+            info = self.info
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(f"{self}: its simtorch attributes are corrupt ({exc}); re-extract with --force.") from exc
+        if not info.complete:
+            return
+        if not info.integrity:
+            raise StoreError(f"{self} is marked complete but carries no metadata digests; it was not finished by "
+                             "`pipeline.py extract` (or its attributes were edited). Re-extract it with --force.")
+        names = self._metadata_documents(info)
+        bad = sorted(n for n in set(names) | set(info.integrity)
+                     if n not in info.integrity or n not in names
+                     or _document_digest(self._read_document(n)) != info.integrity[n])
+        if bad:
+            raise StoreError(
+                f"{self}: metadata {', '.join(bad)} does not match the digest recorded when the store was "
+                "completed (corrupt or edited); re-extract the store with `pipeline.py extract --force`."
+            )
+
+    def _array(self, key: str):
+        """The zarr array ``key``; unreadable metadata becomes a StoreError naming it."""
+        try:
+            return self._group[key]
+        except KeyError:
+            raise
+        except Exception as exc:
+            _raise_if_unreachable(f"{self} (metadata of {key!r})", exc)
+            raise StoreError(
+                f"{self}: the metadata (zarr.json) of {key!r} cannot be read ({type(exc).__name__}: {exc}); "
+                "the store is corrupt. Re-extract it with `pipeline.py extract --force`."
+            ) from exc
+
+    def _check_chunks_present(self, key: str, array) -> None:
+        """A complete store has every chunk on disk: zarr would read a missing chunk as zeros."""
+        if key in self._chunks_checked or not self.info.complete:
+            return
+        if array.nchunks_initialized != array.nchunks:
+            from zarr.core.sync import sync
+
+            n_chunks = array.cdata_shape[0]
+            rest = (0,) * (array.ndim - 1)
+            missing = [i for i in range(n_chunks)
+                       if not sync(array.store.exists(f"{array.store_path.path}/"
+                                                      f"{array.metadata.encode_chunk_key((i, *rest))}"))]
+            raise StoreError(
+                f"{self}: array {key!r} is missing chunk(s) {missing[:8]} of {n_chunks} (deleted chunk files); "
+                "re-extract the store with `pipeline.py extract --force`."
+            )
+        self._chunks_checked.add(key)
 
     def create_array(self, key: str, shape: tuple[int, ...], dtype: str, chunk_samples: int) -> None:
         from zarr.codecs import BloscCodec, Crc32cCodec
@@ -230,28 +327,31 @@ class ZarrStore(ActivationStore):
             compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()],
             fill_value=0,
             overwrite=True,
+            config={"write_empty_chunks": True},  # every chunk is a file, so a deleted one is detectable
         )
 
     def has_array(self, key: str) -> bool:
         try:
-            node = self._group[key]
+            node = self._array(key)
         except KeyError:
             return False
         return hasattr(node, "shape")
 
     def array_shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._group[key].shape)
+        return tuple(self._array(key).shape)
 
     def write(self, key: str, start: int, block: np.ndarray) -> None:
         self._check_writable()
         self._group[key][start : start + len(block)] = block
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        array = self._group[key]
+        array = self._array(key)
         stop = array.shape[0] if stop is None else stop
+        self._check_chunks_present(key, array)
         try:
             return np.asarray(array[start:stop])
         except Exception as exc:  # zarr raises codec-specific errors on corrupt chunks
+            _raise_if_unreachable(f"{self} (array {key!r}, rows {start}:{stop})", exc)
             raise self._corrupt_chunk_error(key, array, start, stop, exc) from exc
 
     def _corrupt_chunk_error(self, key: str, array, start: int, stop: int, exc: Exception) -> StoreError:
@@ -277,6 +377,15 @@ class ZarrStore(ActivationStore):
     def zarr_array(self, key: str):
         """The underlying ``zarr.Array`` (for dask.array.from_zarr)."""
         return self._group[key]
+
+
+def _raise_if_unreachable(what: str, exc: BaseException) -> None:
+    """Raise a StoreError that says so when ``exc`` is a lost connection to remote storage (not corruption)."""
+    from .remote import unreachable_message
+
+    message = unreachable_message(what, exc)
+    if message is not None:
+        raise StoreError(message) from exc
 
 
 class MemoryStore(ActivationStore):
@@ -314,6 +423,19 @@ class MemoryStore(ActivationStore):
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._arrays[key][start:stop]
+
+
+def _document_digest(document: Any) -> str:
+    """SHA-256 of a parsed zarr.json in canonical form, leaving out the digests themselves."""
+    import copy
+    import hashlib
+    import json
+
+    document = copy.deepcopy(document)
+    attrs = document.get("attributes", {}).get(ATTRS_KEY) if isinstance(document, dict) else None
+    if isinstance(attrs, dict):
+        attrs.pop("integrity", None)
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def open_store(store_like: ActivationStore | str | os.PathLike[str], **kwargs: Any) -> ActivationStore:
