@@ -3,7 +3,7 @@
 Started by ``bench_measure.py`` as ``<simtorch venv>/bin/python _simtorch021_runner.py JOB.json``. The job
 file names the state dicts, the input tensor, the batch size and device; the runner builds the models
 from ``bench_measure_models`` (pure torch), runs ``simtorch.similarity.CKA(...).compute(loader)``
-exactly as a user would (no ``no_grad``, its own per-batch loop) and writes the elapsed seconds, the
+exactly as a user would (no ``no_grad``, its own per-batch loop) and writes the elapsed wall and CPU seconds, the
 matrix and the versions it ran with to the job's ``out`` path as JSON.
 """
 
@@ -42,12 +42,13 @@ def main(job_path: str) -> None:
     cka = CKA(sims[0], sims[1], device=device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     matrix = cka.compute(loader)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     layers = [list(s.model_activations) for s in sims]
     Path(job["out"]).write_text(json.dumps({
-        "seconds": seconds, "matrix": matrix.tolist(), "n_batches": len(loader), "layers": layers,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "matrix": matrix.tolist(), "n_batches": len(loader),
+        "layers": layers,
         "simtorch_version": VERSION, "simtorch_file": simtorch.__file__, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }))

@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """(result, wall seconds), with the device synchronised on both ends."""
+@dataclass(frozen=True)
+class Timing:
+    """Wall seconds and CPU seconds of this process (all its threads; ``time.process_time``).
+
+    On a machine shared with other jobs the wall time depends on their load; the CPU time much less so.
+    """
+
+    wall: float
+    cpu: float
+
+    def __add__(self, other: Timing) -> Timing:
+        return Timing(self.wall + other.wall, self.cpu + other.cpu)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, Timing]:
+    """(result, Timing), with the device synchronised on both ends."""
     _sync(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
-    return out, time.perf_counter() - started
+    return out, Timing(time.perf_counter() - started, time.process_time() - cpu_started)
 
 
 def open_stores(paths: list[Path]) -> list[Any]:
@@ -187,10 +202,13 @@ def gram_throughput(path: Path, layer: str, device: torch.device) -> dict[str, f
     n, p = store.n_samples, int(np.prod(store.layer_shape(layer)))
     flops = 2.0 * n * n * p
     gram, t_ours = timed(lambda: layer_gram(store, layer, device), device)
+    t_ours = t_ours.wall
     x = layer_features(store, layer, device)  # float64 (n, p), already on the device
     ref, t_ref = timed(lambda: torch.matmul(x, x.T), device)
+    t_ref = t_ref.wall
     assert torch.allclose(gram, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "layer_gram != X Xᵀ"
     tri, t_tri = timed(lambda: upper_blocks_gram(x), device)
+    t_tri = t_tri.wall
     assert torch.allclose(tri, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "upper_blocks_gram != X Xᵀ"
     return {"n": n, "p": p, "ours_s": t_ours, "ref_s": t_ref, "ours_gflops": flops / t_ours / 1e9,
             "ref_gflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours, "tri_s": t_tri,
@@ -225,7 +243,8 @@ def gram_breakdown(store: Any, layer: str, device: torch.device) -> dict[str, fl
     x, t_conv = timed(lambda: torch.from_numpy(array).to(device).reshape(len(array), -1).to(torch.float64), device)
     _, t_check = timed(lambda: check_finite(x, layer), device)
     _, t_rowsum = timed(lambda: bool(torch.isfinite(x.sum(dim=1)).all()), device)
-    return {"read_s": t_read, "to_float64_s": t_conv, "check_finite_s": t_check, "rowsum_check_s": t_rowsum}
+    return {"read_s": t_read.wall, "to_float64_s": t_conv.wall, "check_finite_s": t_check.wall,
+            "rowsum_check_s": t_rowsum.wall}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -255,19 +274,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _row(what: str, seconds: float | None, reference: float | None, value: float | None, note: str = "") -> dict:
-    speedup = reference / seconds if (seconds and reference) else None
-    return {"what": what, "seconds": seconds, "speedup": speedup, "value": value, "note": note}
+def _row(what: str, seconds: Timing | float | None, reference: Timing | None, value: float | None,
+         note: str = "") -> dict:
+    """One table row; ``seconds`` a Timing (wall and CPU) or a wall time alone."""
+    if isinstance(seconds, (int, float)):
+        seconds = Timing(float(seconds), float("nan"))
+    row: dict[str, Any] = {"what": what, "wall_s": None, "cpu_s": None, "speedup_wall": None, "speedup_cpu": None,
+                           "value": value, "note": note}
+    if seconds is not None:
+        row.update(wall_s=seconds.wall, cpu_s=seconds.cpu)
+        if reference is not None:
+            row.update(speedup_wall=reference.wall / seconds.wall, speedup_cpu=reference.cpu / seconds.cpu)
+    return row
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None or value != value else f"{value:{spec}}{suffix}"
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table: what, seconds, speed-up vs simtorch, value of layer pair (0, 0), note."""
-    lines = ["| what | seconds | × vs simtorch | CKA (act1, act1) | note |", "|---|---:|---:|---:|---|"]
+    """A Markdown table: what, wall and CPU seconds, speed-ups vs simtorch, value of layer pair (0, 0), note."""
+    lines = ["| what | wall s | CPU s | × vs simtorch (wall) | × (CPU) | CKA (act1, act1) | note |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        sec = f"{r['seconds']:.2f}" if r["seconds"] is not None else "—"
-        spd = f"{r['speedup']:.2f}×" if r["speedup"] is not None else "—"
-        val = f"{r['value']:.6f}" if r["value"] is not None else "—"
-        lines.append(f"| {r['what']} | {sec} | {spd} | {val} | {r['note']} |")
+        lines.append(f"| {r['what']} | {_fmt(r['wall_s'], '.2f')} | {_fmt(r['cpu_s'], '.1f')} | "
+                     f"{_fmt(r['speedup_wall'], '.2f', '×')} | {_fmt(r['speedup_cpu'], '.2f', '×')} | "
+                     f"{_fmt(r['value'], '.6f')} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -325,7 +357,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 "width": args.width, "batch_size": b, "device": str(device), "threads": args.threads})
             if sim["layers"] != [LAYERS, LAYERS]:
                 raise BenchError(f"simtorch captured layers {sim['layers']}, expected {LAYERS} twice.")
-            t_sim, raw = sim["seconds"], np.array(sim["matrix"])
+            t_sim, raw = Timing(sim["seconds"], sim["cpu_seconds"]), np.array(sim["matrix"])
             n_batches = sim["n_batches"]
             rescaled = raw * len(LAYERS) / n_batches
             results["simtorch"] = sim
@@ -344,7 +376,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         _, t_extract = timed(do_extract, device)
         exact, t_exact = timed(lambda: engine_matrix(paths, "cka", {}, device), device)
         rows.append(_row("(a) our extract + measure, exact `cka` over all n", t_extract + t_exact, t_sim,
-                         exact[0, 0], f"extract {t_extract:.2f} s + measure {t_exact:.2f} s"))
+                         exact[0, 0], f"extract {t_extract.wall:.2f} s + measure {t_exact.wall:.2f} s (wall)"))
 
         log("(b) measure alone from the stores (cka_minibatch) ...")
         mb, t_mb = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device), device)
@@ -402,9 +434,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         flops_exact = 2 * 2.0 * n * n * sum(widths.values())
         flops_mb = 2 * 2.0 * (n // b) * b * b * sum(widths.values())
         results.update(exact_matrix=exact.tolist(), minibatch_matrix=mb.tolist(), batch_mean_matrix=check.tolist(),
-                       gram=g, seconds={"extract": t_extract, "measure_exact": t_exact, "measure_minibatch": t_mb},
-                       gflops={"measure_exact": flops_exact / t_exact / 1e9,
-                               "measure_minibatch": flops_mb / t_mb / 1e9},
+                       gram=g, seconds={"extract": asdict(t_extract), "measure_exact": asdict(t_exact),
+                                "measure_minibatch": asdict(t_mb)},
+                       gflops={"measure_exact": flops_exact / t_exact.wall / 1e9,
+                               "measure_minibatch": flops_mb / t_mb.wall / 1e9},
                        loadavg_end=os.getloadavg(), rows=rows)
         return results
     finally:
