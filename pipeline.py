@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 import warnings
 from pathlib import Path
-
-import tomllib
 
 DEFAULT_ACTIVATIONS = Path("data/activations")
 DEFAULT_RESULTS = Path("data/results")
@@ -104,34 +103,66 @@ def _default_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+CONFIG_TYPES = {"data": str, "out": str, "batch_size": int, "dtype": str, "device": str, "no_inputs": bool,
+                "models": list}
+MODEL_KEYS = {"model": str, "weights": str, "name": str, "layers": (list, str)}
+
+
+def _load_config(path: Path) -> dict:
+    """The TOML config at ``path``, with every key and value type checked."""
+    if not path.is_file():
+        raise CommandError(f"Config file {path} does not exist.")
+    try:
+        config = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CommandError(f"Config file {path} is not valid TOML: {exc}; fix the syntax.") from None
+    unknown = set(config) - set(CONFIG_TYPES)
+    if unknown:
+        raise CommandError(f"Unknown keys {sorted(unknown)} in {path}; allowed: {', '.join(CONFIG_TYPES)}.")
+    for key, kind in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CommandError(f"Key {key!r} in {path} must be a {kind.__name__}, got {value!r}.")
+    for i, entry in enumerate(config.get("models", [])):
+        if not isinstance(entry, dict):
+            raise CommandError(f"Entry {i} of 'models' in {path} must be a [[models]] table, got {entry!r}.")
+        unknown = set(entry) - set(MODEL_KEYS)
+        if unknown:
+            raise CommandError(f"Unknown keys {sorted(unknown)} in [[models]] entry {i} of {path}; "
+                               f"allowed: {', '.join(MODEL_KEYS)}.")
+        for key, kind in MODEL_KEYS.items():
+            if key in entry and not isinstance(entry[key], kind):
+                raise CommandError(f"Key {key!r} of [[models]] entry {i} in {path} has the wrong type: {entry[key]!r}.")
+        layers = entry.get("layers")
+        if isinstance(layers, str):
+            entry["layers"] = [layers]
+        elif layers is not None and not all(isinstance(p, str) and p for p in layers):
+            raise CommandError(f"'layers' of [[models]] entry {i} in {path} must be a list of names or globs.")
+    return config
+
+
 def _extract_jobs(args: argparse.Namespace) -> tuple[list[dict], dict]:
     """(models to extract, shared options) from flags and the optional TOML config."""
-    config: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise CommandError(f"Config file {path} does not exist.")
-        try:
-            config = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise CommandError(f"Config file {path} is not valid TOML: {exc}; fix the syntax.") from None
-        unknown = set(config) - {"data", "out", "batch_size", "dtype", "device", "no_inputs", "models"}
-        if unknown:
-            raise CommandError(f"Unknown keys {sorted(unknown)} in {path}; allowed: data, out, batch_size, dtype, "
-                               "device, no_inputs, models.")
+    from extract.remote import as_path
+
+    config = _load_config(Path(args.config)) if args.config else {}
     shared = {
         "data": args.data or config.get("data"),
-        "out": Path(args.out or config.get("out") or DEFAULT_ACTIVATIONS),
+        "out": as_path(args.out or config.get("out") or DEFAULT_ACTIVATIONS),  # Path, or UrlPath for s3://...
         "batch_size": next(b for b in (args.batch_size, config.get("batch_size"), 128) if b is not None),
         "dtype": args.dtype or config.get("dtype") or "float32",
         "device": args.device or config.get("device"),
         "store_inputs": not (args.no_inputs or config.get("no_inputs", False)),
     }
-    models = list(config.get("models", []))
+    if shared["batch_size"] < 1:
+        raise CommandError(f"The batch size must be a positive integer, got {shared['batch_size']}.")
+    if shared["dtype"] not in ("float32", "float16"):
+        raise CommandError(f"dtype must be float32 or float16, got {shared['dtype']!r}.")
+    models = [dict(m) for m in config.get("models", [])]
     if args.model:
         models.append({"model": args.model, "weights": args.weights, "name": args.name, "layers": args.layers})
     for i, m in enumerate(models):
-        if not isinstance(m, dict) or "model" not in m:
+        if not m.get("model"):
             raise CommandError(f"Model entry {i} needs a 'model' key (module:function, file or directory).")
         if not m.get("layers"):
             raise CommandError(f"Model {m['model']!r} needs --layers (module names or globs).")
