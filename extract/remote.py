@@ -21,7 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["exists", "find_stores", "is_url", "local_lock_path", "parse_storage_options", "remove", "upload_folder"]
+__all__ = [
+    "UrlPath", "as_path", "exists", "find_stores", "is_url", "local_lock_path", "parse_storage_options", "remove",
+    "remove_tree", "unreachable_message", "upload_folder",
+]
 
 LOCK_DIR_ENV = "SIMTORCH_LOCK_DIR"
 
@@ -105,3 +108,82 @@ def upload_folder(local: str | os.PathLike[str], url: str, storage_options: dict
     fs, root = _fs(url, storage_options)
     fs.put(str(local).rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
     fs.invalidate_cache()
+
+
+class UrlPath:
+    """The few ``pathlib.Path`` operations ``extract`` uses, for a store at a URL.
+
+    ``parent`` is the *local* lock folder (``local_lock_path``): an object store has no
+    sibling lock file, so writers to one URL are serialised per machine only.
+    ``rglob`` finds nothing: fsspec writes whole objects, never ``*.partial`` files.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = str(url).rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"UrlPath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UrlPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __truediv__(self, name: str) -> UrlPath:
+        return UrlPath(f"{self.url}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Path:
+        return local_lock_path(self.url).parent / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+
+    def exists(self) -> bool:
+        return exists(self.url)
+
+    def rglob(self, pattern: str) -> list[Path]:
+        return []
+
+
+def as_path(path: str | os.PathLike[str] | UrlPath) -> Path | UrlPath:
+    """``UrlPath`` for URLs, ``pathlib.Path`` otherwise."""
+    if isinstance(path, UrlPath):
+        return path
+    return UrlPath(str(path)) if is_url(path) else Path(path)
+
+
+def remove_tree(path: Path | UrlPath, ignore_errors: bool = False) -> None:
+    """``shutil.rmtree`` for local folders, a recursive delete for URLs."""
+    import shutil
+
+    if isinstance(path, UrlPath):
+        try:
+            remove(path.url)
+        except Exception:
+            if not ignore_errors:
+                raise
+    else:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+_CONNECTION_ERRORS = ("ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                      "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "TimeoutError")
+
+
+def unreachable_message(what: str, exc: BaseException) -> str | None:
+    """A one-line explanation when ``exc`` (or its cause) is a lost connection to remote storage, else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if any(cls.__name__ in _CONNECTION_ERRORS for cls in type(exc).__mro__):
+            return (f"{what} could not be reached ({type(exc).__name__}: {exc}); the storage server is down or "
+                    "unreachable. Check the endpoint (AWS_ENDPOINT_URL / --storage-options) and the network, then "
+                    "rerun the same command: finished work is kept (stores resume, measure reuses its cache).")
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

@@ -159,6 +159,21 @@ def store_pairs(n: int, symmetric: bool) -> list[tuple[int, int]]:
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    """``_run_measure``, with a lost connection to remote storage turned into a one-line error."""
+    from extract.remote import unreachable_message
+
+    try:
+        return _run_measure(args)
+    except MeasureError:
+        raise
+    except Exception as exc:
+        message = unreachable_message("Remote storage", exc)
+        if message is None:
+            raise
+        raise MeasureError(message) from exc
+
+
+def _run_measure(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     if args.list_measures:
