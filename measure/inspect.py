@@ -188,14 +188,15 @@ def format_info(s: StoreSummary) -> str:
 def list_stores(folder: str | os.PathLike[str]) -> tuple[list[StoreSummary], list[tuple[str, str]]]:
     """(summaries of the stores in ``folder``, [(path, why) for Zarr groups that are not readable stores]).
 
-    A store is a direct child directory holding ``zarr.json``; ``folder`` may
-    itself be a store.
+    A store is a direct child directory holding ``zarr.json`` (hidden ones, such
+    as the statistics cache, are skipped); ``folder`` may itself be a store.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise StoreError(f"{folder} is not a folder; `pipeline.py ls FOLDER` lists the stores in a folder.")
     candidates = [folder] if (folder / "zarr.json").exists() else sorted(
-        p for p in folder.iterdir() if p.is_dir() and (p / "zarr.json").exists())
+        p for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "zarr.json").exists())  # .simtorch-cache.zarr...
     found, skipped = [], []
     for path in candidates:
         try:

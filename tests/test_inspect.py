@@ -36,6 +36,7 @@ def folder(tmp_path_factory):
     import zarr
 
     zarr.open_group(str(root / "plain.zarr"), mode="w", zarr_format=3)
+    zarr.open_group(str(root / ".simtorch-cache.zarr"), mode="w", zarr_format=3)  # hidden: not listed
     return root
 
 
