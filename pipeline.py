@@ -88,6 +88,10 @@ def extract_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=None,
                         help="text data: pad/truncate to this many tokens (default: the longest text)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="extract the models as tasks on a local dask cluster of N worker processes")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="'threads' (dask's threaded scheduler) or tcp://host:port of a running dask cluster")
     if subparsers:
         parser.set_defaults(func=extract_command)
     return parser
@@ -183,9 +187,13 @@ def extract_command(args: argparse.Namespace) -> int:
     if not models:
         if args.data or args.layers or args.weights or args.name:
             raise CommandError("--data/--layers/--weights/--name need --model (or a --config with [[models]]).")
+        if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None):
+            return _extract_on_dask(args, [], shared)
         return _extract_demo(shared, device, force=args.force, quiet=args.quiet)
     if not shared["data"]:
         raise CommandError("--data is required with --model (for example --data digits).")
+    if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None):
+        return _extract_on_dask(args, models, shared)
     data = load_data(shared["data"])
     for m in models:
         result = extract(
@@ -203,6 +211,33 @@ def extract_command(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             reduce=m.get("reduce") or getattr(args, "reduce", None),
         )
+        _report_extract(result)
+    return 0
+
+
+def _extract_on_dask(args: argparse.Namespace, models: list[dict], shared: dict) -> int:
+    """One dask task per model (``extract.parallel``); the worker loads model and data and picks its device."""
+    from extract.parallel import extract_many
+
+    demo: list[dict] = []
+    if not models:  # the demo zoo: trained here (cached), extracted on the workers
+        from extract.demo import DEMO_LAYERS, digits, train_zoo
+
+        x_test = digits("test")[0]
+        demo = [dict(model=rec["factory"], weights=rec["weights"], data=x_test,
+                     path=shared["out"] / f"{rec['name']}.zarr", name=rec["name"], layers=DEMO_LAYERS,
+                     batch_size=shared["batch_size"], dtype=shared["dtype"], device=shared["device"],
+                     force=args.force, store_inputs=shared["store_inputs"],
+                     model_spec=f"{rec['factory']}|weights={rec['weights']}", replace_stale=True)
+                for rec in train_zoo(Path("data/models"))]
+    jobs = demo + [dict(model=m["model"], weights=m.get("weights"), data=shared["data"],
+                 path=shared["out"] / f"{m['name']}.zarr", name=m["name"], layers=m["layers"],
+                 batch_size=shared["batch_size"], dtype=shared["dtype"], device=shared["device"], force=args.force,
+                 store_inputs=shared["store_inputs"], model_spec=f"{m['model']}|weights={m.get('weights') or ''}",
+                 reduce=m.get("reduce") or getattr(args, "reduce", None),
+                 max_length=getattr(args, "max_length", None))
+            for m in models]
+    for result in extract_many(jobs, workers=args.workers, scheduler=args.scheduler):
         _report_extract(result)
     return 0
 

@@ -19,11 +19,12 @@ cluster; its workers must be able to import simtorch and read the stores).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from extract.parallel import dask_client
 
 from ._checks import MeasureError
 from .engine import Engine, default_device
@@ -31,44 +32,6 @@ from .registry import get_measure
 from .statistics import layer_gram
 
 __all__ = ["compute_grams", "dask_client"]
-
-
-@contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A ``distributed.Client`` for ``workers``/``scheduler`` (closed on exit), or None for local work.
-
-    ``scheduler`` may be None or "threads" (no client: dask's threaded scheduler is used
-    by ``compute_grams``), or a ``tcp://host:port`` address of a running scheduler.
-    """
-    if workers is not None and scheduler not in (None, "threads"):
-        raise MeasureError("Pass either --workers N (a local cluster) or --scheduler ADDRESS, not both.")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise MeasureError(f"--workers must be a positive integer, got {workers!r}.")
-    if workers is None and scheduler in (None, "threads"):
-        yield None
-        return
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as exc:
-        raise MeasureError("--workers/--scheduler need dask.distributed; install it with "
-                           "`pip install 'simtorch[distributed]'`.") from exc
-    if workers is not None:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-            with Client(cluster) as client:
-                yield client
-        return
-    if "://" not in str(scheduler):
-        raise MeasureError(f"--scheduler must be 'threads' or a scheduler address such as tcp://host:8786, "
-                           f"got {scheduler!r}.")
-    try:
-        client = Client(scheduler, timeout="20s")
-    except OSError as exc:
-        raise MeasureError(f"Could not connect to the dask scheduler at {scheduler} ({exc}); start it with "
-                           "`dask scheduler` (and workers with `dask worker ADDRESS`), or drop --scheduler.") from exc
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _gram_task(path: str, layer: str, storage_options: dict[str, Any] | None, memory_budget: int,

@@ -119,3 +119,31 @@ def test_bad_scheduler_arguments_are_clear(capsys, zoo):
     code = main(["measure", str(paths[0]), "--scheduler", "nowhere", "--quiet", "--no-cache"])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error:") and "tcp://" in err
+
+
+@pytest.mark.slow
+def test_extract_on_a_local_cluster_equals_local_extraction(tmp_path, capsys):
+    """`pipeline.py extract --workers 2`: one task per model, loaded and run on the workers."""
+    from extract.demo import cnn
+    from pipeline import main
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(cnn().state_dict(), tmp_path / f"w{seed}.pt")
+    config = tmp_path / "zoo.toml"
+    config.write_text('data = "digits:test"\n' + "".join(
+        f'[[models]]\nmodel = "extract.demo:cnn"\nweights = "{tmp_path / f"w{seed}.pt"}"\nname = "s{seed}"\n'
+        'layers = ["block2", "fc1"]\n' for seed in (0, 1)))
+    common = ["extract", "--config", str(config), "--device", "cpu", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "local")]) == 0
+    assert main(common + ["--out", str(tmp_path / "dask"), "--workers", "2"]) == 0
+    assert main(common + ["--out", str(tmp_path / "threads"), "--scheduler", "threads"]) == 0
+    for seed in (0, 1):
+        want = ZarrStore(tmp_path / "local" / f"s{seed}.zarr")
+        for folder in ("dask", "threads"):
+            got = ZarrStore(tmp_path / folder / f"s{seed}.zarr")
+            assert got.info.complete and got.info.fingerprint == want.info.fingerprint
+            assert got.info.weights_digest == want.info.weights_digest
+            for layer in ("block2", "fc1"):
+                np.testing.assert_array_equal(got.read_layer(layer), want.read_layer(layer))
+    capsys.readouterr()
