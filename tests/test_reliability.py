@@ -258,3 +258,59 @@ def test_second_extract_on_the_same_store_is_refused(tmp_path, subprocess_env_mo
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert ZarrStore(path).info.complete
     _read_everything(path)
+
+
+def _cache_entries_sound(cache_path: Path) -> int:
+    """Every complete cache entry's bytes match its recorded SHA-256; returns how many are complete."""
+    import hashlib
+
+    from measure.cache import StatisticsCache
+
+    cache = StatisticsCache(cache_path)
+    complete = 0
+    group = cache._open(create=False)
+    for key, attrs in cache.entries().items():
+        if not attrs.get("complete"):
+            continue
+        data = np.asarray(group[f"entries/{key}"][...], dtype=np.float64)
+        assert hashlib.sha256(data.tobytes()).hexdigest() == attrs["sha256"], f"corrupt cache entry {key}"
+        complete += 1
+    return complete
+
+
+@pytest.mark.slow
+def test_sigkill_measure_leaves_no_corrupt_cache_entry(tmp_path, reference_store, subprocess_env_module):
+    cache = tmp_path / "cache.zarr"
+    args = ["cli", "--", "measure", str(reference_store), "--out", str(tmp_path / "out"), "--quiet",
+            "--no-plots", "--no-report", "--measures", "cka", "cka_rbf", "--cache", str(cache)]
+    rng = random.Random(5)
+    for _ in range(4):
+        proc = _start(args, subprocess_env_module)
+        time.sleep(rng.uniform(0.3, 2.5))
+        proc.kill()
+        proc.wait()
+        if cache.exists():
+            _cache_entries_sound(cache)
+    done = _worker(args, subprocess_env_module)
+    assert done.returncode == 0, done.stderr
+    assert _cache_entries_sound(cache) >= len(ZarrStore(reference_store).layers)
+
+
+def test_two_measure_processes_share_one_cache(tmp_path, reference_store, subprocess_env_module):
+    from measure.results import read_matrix_csv
+
+    cache = tmp_path / "shared-cache.zarr"
+    common = ["--quiet", "--no-plots", "--no-report", "--measures", "cka", "cka_debiased", "--cache", str(cache)]
+    procs = [_start(["cli", "--", "measure", str(reference_store), "--out", str(tmp_path / f"out{i}"), *common],
+                    subprocess_env_module) for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    alone = _worker(["cli", "--", "measure", str(reference_store), "--out", str(tmp_path / "alone"), "--quiet",
+                     "--no-plots", "--no-report", "--measures", "cka", "cka_debiased", "--no-cache"],
+                    subprocess_env_module)
+    assert alone.returncode == 0, alone.stderr
+    want = read_matrix_csv(tmp_path / "alone" / "cka_debiased" / "net__net.csv")[2]
+    for i in range(2):
+        np.testing.assert_allclose(read_matrix_csv(tmp_path / f"out{i}" / "cka_debiased" / "net__net.csv")[2], want,
+                                   rtol=0, atol=1e-12)
+    assert _cache_entries_sound(cache) >= len(ZarrStore(reference_store).layers)
