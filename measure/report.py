@@ -85,7 +85,7 @@ def diagonal_svg(layers: Sequence[str], lines: Mapping[str, Sequence[float]], *,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(layers) + 2.5), 3.6), dpi=100, layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(layers) + 2.5) + 2.5, 3.6), dpi=100, layout="constrained")
     x = np.arange(len(layers))
     for label, values in lines.items():
         ax.plot(x, np.asarray(values, dtype=float), marker="o", label=label)
@@ -95,7 +95,7 @@ def diagonal_svg(layers: Sequence[str], lines: Mapping[str, Sequence[float]], *,
     if value_range is not None and np.isfinite(value_range).all():
         ax.set_ylim(*value_range)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)  # beside, not over
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     plt.close(fig)
