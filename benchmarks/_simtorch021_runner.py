@@ -36,7 +36,8 @@ def main(job_path: str) -> None:
     for i, state in enumerate(job["state_dicts"]):
         model = WideCNN(job["width"])
         model.load_state_dict(torch.load(state))
-        sims.append(SimilarityModel(model, model_name=f"model{i}", layers_to_include=list(LAYERS), device=device))
+        sims.append(SimilarityModel(model, model_name=f"model{i}", layers_to_include=list(job.get("layers", LAYERS)),
+                                    device=device))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=job["batch_size"],
                                          shuffle=False)
     cka = CKA(sims[0], sims[1], device=device)

@@ -50,7 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_measure_models import LAYERS, WideCNN, layer_widths, make_inputs  # noqa: E402
+from bench_measure_models import LAYER_SETS, WideCNN, layer_widths, make_inputs  # noqa: E402
 
 DEFAULT_VENV = ROOT / ".bench" / "simtorch021-venv"
 SIMTORCH_DEPS = ["numpy", "matplotlib", "seaborn", "tqdm"]
@@ -179,14 +179,39 @@ def rowsum_finite_check() -> Iterator[bool]:
         statistics.check_finite = original
 
 
-def batch_mean_biased_cka(paths: list[Path], batch_size: int, device: torch.device) -> np.ndarray:
+@contextmanager
+def float32_products() -> Iterator[bool]:
+    """What-if: ``measure.statistics`` forms each Gram with a float32 product (result stored in float64).
+
+    The stores hold float32 activations, so only the accumulation over features loses digits.
+    Yields False (and patches nothing) when ``measure.statistics`` no longer calls ``linear_gram``.
+    """
+    import measure.statistics as statistics
+
+    original = getattr(statistics, "linear_gram", None)
+    if original is None:
+        yield False
+        return
+
+    def gram32(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.reshape(len(x), -1).to(torch.float32)
+        return (x32 @ x32.T).to(torch.float64)
+
+    statistics.linear_gram = gram32
+    try:
+        yield True
+    finally:
+        statistics.linear_gram = original
+
+
+def batch_mean_biased_cka(paths: list[Path], layers: list[str], batch_size: int, device: torch.device) -> np.ndarray:
     """Mean over consecutive batches of the per-batch biased linear CKA matrix — what simtorch means to report."""
     from measure.functional._bilinear import bilinear_matrix
     from measure.functional.cka import _cka_prepare
     from measure.statistics import layer_gram_blocks
 
     stores = open_stores(paths)
-    per_store = [[[_cka_prepare(g) for g in layer_gram_blocks(s, layer, batch_size, device)] for layer in LAYERS]
+    per_store = [[[_cka_prepare(g) for g in layer_gram_blocks(s, layer, batch_size, device)] for layer in layers]
                  for s in stores]
     n_batches = len(per_store[0][0])
     total = sum(bilinear_matrix([lay[t] for lay in per_store[0]], [lay[t] for lay in per_store[1]])
@@ -255,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="simtorch's batches = our minibatches (256)")
     parser.add_argument("--width", type=int, default=32,
                         help="conv channels: act1/act2 have width×32×32 features per sample (default 32)")
+    parser.add_argument("--layer-set", choices=sorted(LAYER_SETS), default="act",
+                        help="act: act1-4 and fc (5 layers, default); all: also conv1-4 (9 layers)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in both processes")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"simtorch 0.2.1 venv (default {DEFAULT_VENV})")
@@ -262,7 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch requirement for the simtorch venv (default: this venv's version)")
     parser.add_argument("--skip-simtorch", action="store_true", help="only our rows (no venv needed)")
     parser.add_argument("--skip-inmemory", action="store_true", help="skip row (c)")
-    parser.add_argument("--no-what-if", action="store_true", help="skip row (b*)")
+    parser.add_argument("--no-what-if", action="store_true", help="skip the what-if rows (b*) and (b†)")
     parser.add_argument("--quick", action="store_true", help="n=512, batch 128, width 8: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models/stores here (default: temp, removed)")
@@ -292,9 +319,9 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "—" if value is None or value != value else f"{value:{spec}}{suffix}"
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], first_layer: str = "act1") -> str:
     """A Markdown table: what, wall and CPU seconds, speed-ups vs simtorch, value of layer pair (0, 0), note."""
-    lines = ["| what | wall s | CPU s | × vs simtorch (wall) | × (CPU) | CKA (act1, act1) | note |",
+    lines = [f"| what | wall s | CPU s | × vs simtorch (wall) | × (CPU) | CKA ({first_layer}, {first_layer}) | note |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['what']} | {_fmt(r['wall_s'], '.2f')} | {_fmt(r['cpu_s'], '.1f')} | "
@@ -312,7 +339,7 @@ def format_diagonal(results: dict[str, Any]) -> str:
         columns += [("simtorch ×L1/n_batches", results["values"]["simtorch_batch_mean"]),
                     ("simtorch raw output", results["values"]["simtorch_raw"])]
     lines = ["| layer | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
-    for i, layer in enumerate(LAYERS):
+    for i, layer in enumerate(results["layers"]):
         lines.append(f"| {layer} | " + " | ".join(f"{np.asarray(m)[i, i]:.4f}" for _, m in columns) + " |")
     return "\n".join(lines)
 
@@ -328,7 +355,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     if args.threads:
         torch.set_num_threads(args.threads)
     n, b = args.n_samples, args.batch_size
-    widths = layer_widths(args.width)
+    layers = LAYER_SETS[args.layer_set]
+    widths = {k: w for k, w in layer_widths(args.width).items() if k in layers}
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_measure_"))
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
@@ -345,7 +373,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             torch.save(m.state_dict(), work / f"model{i}.pt")
         rows: list[dict] = []
         results: dict[str, Any] = {"n_samples": n, "batch_size": b, "width": args.width, "device": str(device),
-                                   "layer_widths": widths, "threads": torch.get_num_threads(),
+                                   "layers": layers, "layer_widths": widths, "threads": torch.get_num_threads(),
                                    "loadavg_start": load_start}
 
         t_sim = None
@@ -354,15 +382,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             log("simtorch 0.2.1 CKA.compute ...")
             sim = run_simtorch(python, work, {
                 "inputs": str(work / "inputs.pt"), "state_dicts": [str(work / f"model{i}.pt") for i in (0, 1)],
-                "width": args.width, "batch_size": b, "device": str(device), "threads": args.threads})
-            if sim["layers"] != [LAYERS, LAYERS]:
-                raise BenchError(f"simtorch captured layers {sim['layers']}, expected {LAYERS} twice.")
+                "width": args.width, "batch_size": b, "device": str(device), "threads": args.threads, "layers": layers})
+            if sim["layers"] != [layers, layers]:
+                raise BenchError(f"simtorch captured layers {sim['layers']}, expected {layers} twice.")
             t_sim, raw = Timing(sim["seconds"], sim["cpu_seconds"]), np.array(sim["matrix"])
             n_batches = sim["n_batches"]
-            rescaled = raw * len(LAYERS) / n_batches
+            rescaled = raw * len(layers) / n_batches
             results["simtorch"] = sim
             rows.append(_row(f"simtorch 0.2.1 `CKA.compute` (b={b}, {n_batches} batches)", t_sim, t_sim, raw[0, 0],
-                             f"raw output = Σ per-batch CKA / {len(LAYERS)} layers; ×{len(LAYERS)}/{n_batches} "
+                             f"raw output = Σ per-batch CKA / {len(layers)} layers; ×{len(layers)}/{n_batches} "
                              f"→ batch mean {rescaled[0, 0]:.6f}"))
 
         log("(a) extract + measure (exact cka) ...")
@@ -370,7 +398,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
         def do_extract() -> None:
             for i, m in enumerate(models):
-                extract(SimilarityModel(m, f"model{i}", list(LAYERS)), inputs, paths[i], batch_size=b,
+                extract(SimilarityModel(m, f"model{i}", list(layers)), inputs, paths[i], batch_size=b,
                         device=device, force=True, progress=False)
 
         _, t_extract = timed(do_extract, device)
@@ -390,6 +418,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                                        device)
                     rows.append(_row("(b*) what-if: (b) with a row-sum NaN/Inf test (not in measure/)", t_mb2, t_sim,
                                      mb2[0, 0], f"max abs diff vs (b) {np.abs(mb2 - mb).max():.1e}"))
+            with float32_products() as patched:
+                if patched:
+                    log("(b†) what-if: (b) with float32 Gram products ...")
+                    mb3, t_mb3 = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device),
+                                       device)
+                    rows.append(_row("(b†) what-if: (b) with float32 Gram products (not in measure/)", t_mb3, t_sim,
+                                     mb3[0, 0], f"max abs diff vs (b) {np.abs(mb3 - mb).max():.1e}"))
         rows.append(_row("(a′) our extract + measure, `cka_minibatch` = extract of (a) + (b)", t_extract + t_mb,
                          t_sim, mb[0, 0], "same estimator and batches as (b)"))
         rows.append(_row("(b′) our measure from stores, exact `cka` = measure part of (a)", t_exact, t_sim,
@@ -398,7 +433,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         if not args.skip_inmemory:
             log("(c) in-memory CKA.compute (exact cka) ...")
             loader = DataLoader(TensorDataset(inputs), batch_size=b, shuffle=False)
-            sims = [SimilarityModel(m, f"model{i}", list(LAYERS)) for i, m in enumerate(models)]
+            sims = [SimilarityModel(m, f"model{i}", list(layers)) for i, m in enumerate(models)]
             mem, t_mem = timed(lambda: CKA(sims[0], sims[1], device=device).compute(loader), device)
             rows.append(_row("(c) our in-memory `measure.CKA(...).compute(loader)`, exact", t_mem, t_sim, mem[0, 0],
                              f"max abs diff vs (a) {np.abs(mem - exact).max():.1e}"))
@@ -407,11 +442,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             results["inmemory_matrix"] = mem.tolist()
 
         log("check: our mean of per-batch biased CKA (not timed) ...")
-        check = batch_mean_biased_cka(paths, b, device)
+        check = batch_mean_biased_cka(paths, layers, b, device)
         note = ""
         if t_sim is not None:
             gap = np.abs(check - rescaled).max()
-            note = f"max abs diff vs simtorch ×{len(LAYERS)}/{n_batches}: {gap:.1e}"
+            note = f"max abs diff vs simtorch ×{len(layers)}/{n_batches}: {gap:.1e}"
             if gap > 1e-4:  # float32 (simtorch) vs float64 (ours) round-off is ~1e-7
                 raise BenchError(f"our per-batch CKA differs from simtorch's by {gap:.2e}: the two runs did not "
                                  "see the same models, data or batches.")
@@ -419,7 +454,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         rows.append(_row("check (not timed): our mean of per-batch biased CKA, same batches", None, None,
                          check[0, 0], note))
 
-        widest = max(LAYERS, key=lambda k: widths[k])
+        widest = max(layers, key=lambda k: widths[k])
         log(f"Gram throughput on {widest} ...")
         g = gram_throughput(paths[0], widest, device)
         rows.append(_row(f"`layer_gram` on a store, {widest} ({g['n']}×{g['p']}, float64)", g["ours_s"], None, None,
@@ -452,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_table(results["rows"]))
+    print(format_table(results["rows"], results["layers"][0]))
     print("\n" + format_diagonal(results))
     gf = results["gflops"]
     print(f"\nGram work of the whole measure stage: exact {gf['measure_exact']:.1f} GFLOP/s, "

@@ -15,9 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LAYERS", "WideCNN", "layer_widths", "make_inputs"]
+__all__ = ["LAYERS", "LAYER_SETS", "WideCNN", "layer_widths", "make_inputs"]
 
 LAYERS = ["act1", "act2", "act3", "act4", "fc"]
+LAYER_SETS = {
+    "act": LAYERS,
+    "all": ["conv1", "act1", "conv2", "act2", "conv3", "act3", "conv4", "act4", "fc"],
+}
 
 
 class WideCNN(nn.Module):
@@ -52,7 +56,8 @@ class WideCNN(nn.Module):
 
 def layer_widths(width: int) -> dict[str, int]:
     """Features per sample of each captured layer of ``WideCNN(width)`` on 32×32 inputs."""
-    return {"act1": width * 1024, "act2": width * 1024, "act3": 2 * width * 256, "act4": 2 * width * 64, "fc": 10}
+    widths = {"1": width * 1024, "2": width * 1024, "3": 2 * width * 256, "4": 2 * width * 64}
+    return {**{f"{kind}{i}": w for i, w in widths.items() for kind in ("conv", "act")}, "fc": 10}
 
 
 def make_inputs(n_samples: int, seed: int = 0) -> torch.Tensor:
