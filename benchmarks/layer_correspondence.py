@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.store import ZarrStore  # noqa: E402
+from extract.store import StoreError, ZarrStore  # noqa: E402
 from measure.engine import Engine  # noqa: E402
 from measure.registry import get_measure  # noqa: E402
 
@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: need at least two stores matching {args.stores}; run `python pipeline.py extract` first.",
               file=sys.stderr)
         return 2
-    stores = [ZarrStore(p) for p in paths]
+    try:
+        stores = [ZarrStore(p) for p in paths]
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     layers = stores[0].layers
     if any(s.layers != layers for s in stores):
         print("error: the stores must hold the same layers (same architecture).", file=sys.stderr)

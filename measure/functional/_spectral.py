@@ -158,11 +158,16 @@ def warn_if_saturated(spectral: Spectral, measure: str, stacklevel: int = 3) -> 
     """Warn when a layer's basis spans the whole centred sample space (every correlation is then 1)."""
     n = spectral.n_samples
     if spectral.defined and spectral.rank >= n - 1:
+        if measure == "linreg":
+            consequence = ("so it predicts any other layer exactly: linreg(other, this layer) = 1 whatever the "
+                           "data. Reduce its dimension first (pooling, or PCA to k well below the sample count)")
+        else:
+            consequence = (f"so every canonical direction of the other layer is matched exactly and {measure} ≈ 1 "
+                           "whatever the data. Use svcca (keeps 99 % of the variance) or cap the dimensions with "
+                           "svcca(dims=k) for k well below the sample count")
         warnings.warn(
             f"{measure}: a layer has {spectral.rank} independent centred features for {n} samples "
-            f"(features ≥ samples − 1), so every canonical direction of the other layer is matched exactly "
-            f"and {measure} ≈ 1 whatever the data. Use svcca (keeps 99 % of the variance) or cap the "
-            "dimensions with svcca(dims=k) for k well below the sample count, or measure on more samples.",
+            f"(features ≥ samples − 1), {consequence}, or measure on more samples.",
             stacklevel=stacklevel,
         )
 
