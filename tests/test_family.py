@@ -259,6 +259,8 @@ def test_cca_warns_when_features_reach_samples():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compare(x, y, "svcca", dims=5)  # the cure: no warning
+    with pytest.warns(UserWarning, match="predicts any other layer exactly"):
+        assert compare(y, x, "linreg") == pytest.approx(1.0, abs=1e-9)  # x (30 features) predicts anything
 
 
 def test_independent_data_is_low_for_every_measure():
