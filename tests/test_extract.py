@@ -220,3 +220,31 @@ def test_no_inputs_option(tmp_path):
     extract(small_cnn(), images(5), tmp_path / "n.zarr", layers=["fc1"], store_inputs=False, progress=False)
     store = ZarrStore(tmp_path / "n.zarr")
     assert not store.info.inputs_stored and not store.has_array("inputs")
+
+
+def test_a_full_disk_is_one_clear_error_and_the_store_stays_resumable(tmp_path, monkeypatch):
+    import extract.store as store_module
+
+    original = store_module.ZarrStore.write
+    writes = []
+
+    def write(self, key, start, block):
+        writes.append(start)
+        if start >= 10:  # the first chunk (rows 0..9) lands, then the disk is full
+            raise OSError(28, "No space left on device")
+        original(self, key, start, block)
+
+    monkeypatch.setattr(store_module.ZarrStore, "write", write)
+    path = tmp_path / "m.zarr"
+    kwargs = dict(layers=["conv2", "fc1"], batch_size=4, chunk_bytes=10 * 2048, progress=False)
+    with pytest.raises(StoreError, match=r"Writing the store at .*m.zarr failed \(No space left on device\); "
+                                         r"free disk space or choose a writable --out, then rerun"):
+        extract(small_cnn(), images(40), path, **kwargs)
+    info = ZarrStore(path).info
+    assert not info.complete and info.samples_done == 10
+    monkeypatch.setattr(store_module.ZarrStore, "write", original)
+    result = extract(small_cnn(), images(40), path, **kwargs)
+    assert result.resumed_from == 10
+    expected = expected_arrays(small_cnn(), images(40), ["conv2", "fc1"], batch_size=4)
+    for layer in ("conv2", "fc1"):
+        np.testing.assert_array_equal(ZarrStore(path).read_layer(layer), expected[layer])
