@@ -352,6 +352,16 @@ def test_classes_use_the_registry_entries():
     assert matrix.shape == (2, 2) and np.allclose(np.diag(matrix), 0, atol=1e-6)
     knn = MutualKNN(sim, twin, device="cpu", k=3).compute(data)
     np.testing.assert_allclose(np.diag(knn), 1.0)
+    # feature-statistic measures go through the same in-memory engine; the asymmetric one keeps its orientation
+    torch.nn.init.normal_(twin.model[0].weight)
+    acts = {m: [torch.cat([m.model[: int(layer) + 1](b) for b in data]).detach().numpy() for layer in ("0", "2")]
+            for m in (sim, twin)}
+    pw = PWCCA(sim, twin, device="cpu").compute(data)
+    expected = [[compare(a, b, "pwcca") for b in acts[twin]] for a in acts[sim]]
+    np.testing.assert_allclose(pw, expected, atol=1e-6)
+    rsa = RSA(sim, twin, device="cpu", rdm="euclidean").compute(data)
+    np.testing.assert_allclose(rsa, [[compare(a, b, "rsa", rdm="euclidean") for b in acts[twin]] for a in acts[sim]],
+                               atol=1e-6)
     with pytest.raises(MeasureError, match="output must be"):
         Procrustes(sim, sim, output="cosine")
 
