@@ -40,10 +40,10 @@ def _is_descendant(name: str, ancestor: str) -> bool:
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Glob over dotted module names: ``*`` stays within one name part, ``**`` crosses dots."""
-    translated = fnmatch.translate(pattern.replace("**", "\0"))
-    # fnmatch turns '*' into '.*'; keep it inside one dotted part
-    translated = translated.replace(".*", "[^.]*").replace("\0", ".*")
+    """Glob over dotted module names: ``*`` and ``?`` stay within one name part, ``**`` crosses dots."""
+    translated = fnmatch.translate(pattern.replace("**", "\0").replace("?", "\1"))
+    # fnmatch turns '*' into '.*' and '?' into '.'; keep both inside one dotted part
+    translated = translated.replace(".*", "[^.]*").replace("\0", ".*").replace("\1", "[^.]")
     return re.compile(translated)
 
 

@@ -27,6 +27,9 @@ def test_selection_by_exact_name_glob_type_and_substring():
     assert resolve_layers(model, ["block?"]) == ["block1", "block2"]
     assert resolve_layers(model, ["block*.0"]) == ["block1.0", "block2.0"]  # '*' stays within one name part
     assert resolve_layers(model, ["**.1"]) == ["block1.1", "block2.1"]
+    assert resolve_layers(model, ["block?"]) == ["block1", "block2"]
+    with pytest.raises(LayerSelectionError, match="matches no module"):
+        resolve_layers(model, ["block1?0"])  # '?' does not match the dot of 'block1.0'
     assert resolve_layers(model, [nn.Conv2d]) == ["block1.0", "block2.0"]
     assert resolve_layers(model, [nn.Linear, "block1"]) == ["block1", "head"]
     with pytest.warns(UserWarning, match="Not capturing 4 module"):  # simtorch 0.2.1 substring
