@@ -131,7 +131,8 @@ def test_cca_family_matches_numpy(n, p, q):
     x, y = _data(n, p, q)
     rho = ref_cca_rhos(x, y)
     saturated = max(p, q) >= n - 1
-    ctx = pytest.warns(UserWarning, match="svcca") if saturated else warnings.catch_warnings()
+    forced = min(p, n - 1) + min(q, n - 1) > n - 1
+    ctx = pytest.warns(UserWarning, match="svcca") if forced else warnings.catch_warnings()
     with ctx:
         value = compare(x, y, "cca")
     assert value == pytest.approx(rho.mean(), abs=1e-8)
@@ -254,8 +255,12 @@ def test_asymmetric_measures(name):
 
 def test_cca_warns_when_features_reach_samples():
     x, y = _data(20, 30, 3)
-    with pytest.warns(UserWarning, match=r"features ≥ samples.*svcca"):
+    with pytest.warns(UserWarning, match=r"features ≥ samples.*at least 3 canonical.*svcca"):
         assert compare(x, y, "cca") == pytest.approx(1.0, abs=1e-9)
+    u, v = _data(20, 12, 10)  # neither layer saturates, but 12 + 10 > 19: 3 correlations are forced to 1
+    with pytest.warns(UserWarning, match="at least 3 canonical correlations are 1"):
+        assert np.sum(ref_cca_rhos(u, v) > 1 - 1e-9) >= 3
+        compare(u, v, "pwcca")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compare(x, y, "svcca", dims=5)  # the cure: no warning

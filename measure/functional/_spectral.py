@@ -30,7 +30,7 @@ import torch
 from .._checks import MeasureError
 from .gram import center_gram
 
-__all__ = ["Spectral", "cross_blocks", "spectral_prepare", "warn_if_saturated"]
+__all__ = ["Spectral", "cross_blocks", "spectral_prepare", "warn_if_forced", "warn_if_saturated"]
 
 # eigenvalues below RANK_RTOL · n · λ_max are round-off (float64 eps ≈ 2.2e-16, with margin)
 RANK_RTOL = 1e-14
@@ -54,6 +54,8 @@ class Spectral:
         U_rᵀ Xc, kept by PWCCA for its weights.
     output : str
         The summary the pair kernel reports (CCA: "rho" or "r2").
+    measure : str
+        The measure that prepared it (for warnings).
     """
 
     basis: torch.Tensor
@@ -62,6 +64,7 @@ class Spectral:
     full_rank: int
     projection: torch.Tensor | None = None
     output: str = ""
+    measure: str = ""
     defined: bool = True
     reason: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
@@ -170,6 +173,34 @@ def warn_if_saturated(spectral: Spectral, measure: str, stacklevel: int = 3) -> 
             f"(features ≥ samples − 1), {consequence}, or measure on more samples.",
             stacklevel=stacklevel,
         )
+
+
+def warn_if_forced(rows: Sequence[Spectral], cols: Sequence[Spectral], stacklevel: int = 3) -> None:
+    """Warn when two layers' ranks add up past n − 1: their spans then share dimensions by necessity.
+
+    Two subspaces of the (n − 1)-dimensional centred sample space with dimensions r_A and r_B
+    intersect in at least r_A + r_B − (n − 1) dimensions, so at least that many canonical
+    correlations are 1 whatever the data.
+    """
+    worst, pair = 0, None
+    for a in rows:
+        for b in cols:
+            if a.defined and b.defined:
+                forced = a.rank + b.rank - (a.n_samples - 1)
+                if forced > worst:
+                    worst, pair = forced, (a, b)
+    if pair is None:
+        return
+    a, b = pair
+    measure = a.measure or "cca"
+    warnings.warn(
+        f"{measure}: layers with {a.rank} and {b.rank} independent centred features over {a.n_samples} samples "
+        f"(features ≥ samples when added up) share at least {worst} dimensions by necessity, so at least {worst} "
+        f"canonical correlations are 1 whatever the data and {measure} is pulled toward 1. Use svcca (keeps 99 % "
+        "of the variance) or cap the dimensions with svcca(dims=k) so that twice k stays well below the sample "
+        "count, or measure on more samples.",
+        stacklevel=stacklevel,
+    )
 
 
 def cross_blocks(rows: Sequence[Spectral], cols: Sequence[Spectral],

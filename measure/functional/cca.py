@@ -20,9 +20,10 @@ decomposition. With m = min(rank Xc, rank Yc) correlations:
   The weights need the neurons, so PWCCA uses the features, not just the Gram.
 
 All CCA measures are invariant to any invertible linear map of either side,
-and they are ≈ 1 whenever a layer has at least as many features as samples
-(its basis then spans every centred direction): a warning says so; use SVCCA
-or cap the dimensions (``svcca(dims=k)``) in that regime.
+and they are pulled toward 1 whenever the two layers' ranks add up past n − 1
+(their spans then share r_X + r_Y − (n − 1) dimensions whatever the data; a
+layer with as many features as samples makes every correlation 1): a warning
+says so; use SVCCA or cap the dimensions (``svcca(dims=k)``) in that regime.
 
 Every measure here needs all samples at once (an n × n eigendecomposition,
 O(n³) time, O(n²) memory per layer).
@@ -36,7 +37,7 @@ from typing import Literal
 import torch
 
 from .._checks import MeasureError, as_samples_matrix, check_same_samples
-from ._spectral import Spectral, cross_blocks, spectral_prepare, truncate, warn_if_saturated
+from ._spectral import Spectral, cross_blocks, spectral_prepare, truncate, warn_if_forced
 from .gram import linear_gram
 
 __all__ = ["cca", "pwcca", "svcca"]
@@ -60,8 +61,7 @@ def _cca_prepare(gram: torch.Tensor, output: str = "rho") -> Spectral:
     """Per-layer statistic: an orthonormal basis of the centred columns (from H K H)."""
     _check_output(output)
     spectral = spectral_prepare(gram)
-    spectral.output = output
-    warn_if_saturated(spectral, "cca", stacklevel=4)
+    spectral.output, spectral.measure = output, "cca"
     return spectral
 
 
@@ -71,8 +71,7 @@ def _svcca_prepare(gram: torch.Tensor, variance: float = 0.99, dims: int | None 
     _check_output(output)
     _check_variance(variance, dims)
     spectral = truncate(spectral_prepare(gram), variance, dims)
-    spectral.output = output
-    warn_if_saturated(spectral, "svcca", stacklevel=4)
+    spectral.output, spectral.measure = output, "svcca"
     return spectral
 
 
@@ -80,7 +79,7 @@ def _pwcca_prepare(features: torch.Tensor) -> Spectral:
     """Per-layer statistic: the basis and U_rᵀ Xc (r × p), which PWCCA's weights need."""
     features = features.reshape(len(features), -1).to(torch.float64)
     spectral = spectral_prepare(features @ features.T, features)
-    warn_if_saturated(spectral, "pwcca", stacklevel=4)
+    spectral.measure = "pwcca"
     return spectral
 
 
@@ -106,11 +105,13 @@ def _cca_matrix(rows: Sequence[Spectral], cols: Sequence[Spectral], output: str 
     """ρ̄ (or R²_CCA, as recorded by ``prepare`` unless ``output`` is given) for every layer pair."""
     if output is None:
         output = next((p.output for p in rows if p.output), "rho")
+    warn_if_forced(rows, cols)
     return cross_blocks(rows, cols, _mean_rho2 if output == "r2" else _mean_rho)
 
 
 def _pwcca_matrix(rows: Sequence[Spectral], cols: Sequence[Spectral]) -> torch.Tensor:
     """PWCCA for every layer pair, the weights taken from the row layer."""
+    warn_if_forced(rows, cols)
     return cross_blocks(rows, cols, _pwcca_pair)
 
 
