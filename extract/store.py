@@ -356,7 +356,12 @@ class ZarrStore(ActivationStore):
         return hasattr(node, "shape")
 
     def array_shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._array(key).shape)
+        if not self.read_only:
+            return tuple(self._array(key).shape)
+        shapes = self.__dict__.setdefault("_shapes", {})  # read-only: shapes cannot change, ask zarr once
+        if key not in shapes:
+            shapes[key] = tuple(self._array(key).shape)
+        return shapes[key]
 
     def write(self, key: str, start: int, block: np.ndarray) -> None:
         self._check_writable()

@@ -26,6 +26,7 @@ from extract.store import ActivationStore, StoreError
 from ._checks import MeasureError
 from .accumulators.cka import choose_route
 from .cache import StatisticsCache
+from .functional._bilinear import PreparedLayers
 from .functional.dcka import confounder_gram
 from .registry import MeasureSpec, get_measure
 from .statistics import (
@@ -230,7 +231,7 @@ class Engine:
                     raise MeasureError(message + " Drop the layer with --layers, or pass --undefined nan.")
                 warnings.warn(message + " Its row/column is NaN.", stacklevel=2)
             out.append(p)
-        return out
+        return PreparedLayers(out)  # stacked once: each pair is then one matrix product, no copies
 
     # ------------------------------------------------------------------ feature route
     def route(self, spec: MeasureSpec, options: dict[str, Any], i: int, j: int) -> str:

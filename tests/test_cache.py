@@ -202,3 +202,20 @@ def test_cli_bad_storage_options_is_one_line_error(tmp_path, capsys, bad):
     code = main(["measure", str(tmp_path / "zoo"), "--storage-options", bad, "--quiet"])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error: ") and "--storage-options" in err and "Traceback" not in err
+
+
+def test_prepared_layers_are_stacked_once_and_pairs_use_them(tmp_path):
+    """A store's prepared vectors are stacked once (views, no second copy); pairs equal a fresh product."""
+    from measure.functional._bilinear import PreparedLayers, bilinear_matrix
+    from measure.registry import get_measure
+
+    paths = make_zoo(tmp_path, [0, 1])
+    engine = Engine([ZarrStore(p) for p in paths], device="cpu")
+    spec = get_measure("cka")
+    a, b = (engine.prepared(spec, spec.resolve_options({}), s) for s in (0, 1))
+    assert isinstance(a, PreparedLayers) and a.stacked["left"].shape == (2, N * N)
+    for k, p in enumerate(a):
+        assert p.left.data_ptr() == a.stacked["left"][k].data_ptr() and p.right is p.left or \
+            p.right.data_ptr() == p.left.data_ptr()
+    plain = bilinear_matrix(list(a), list(b))  # plain lists: stacked on the fly
+    np.testing.assert_array_equal(bilinear_matrix(a, b).numpy(), plain.numpy())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CANCELLATION_RTOL", "UNDEFINED_RTOL", "Prepared", "bilinear_matrix", "normalized"]
+__all__ = ["CANCELLATION_RTOL", "UNDEFINED_RTOL", "Prepared", "PreparedLayers", "bilinear_matrix", "normalized"]
 
 # A self-product below UNDEFINED_RTOL · (its uncentred magnitude) is round-off, not signal: float64
 # centring leaves |HKH|² ≈ (n·eps)²·|K|² ≈ 1e-26·|K|² for a constant layer, while a genuine
@@ -77,11 +77,42 @@ def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, wha
     return Prepared(left, left if same else right / norm, extras=extras or {})
 
 
+class PreparedLayers(list):
+    """The prepared layers of one store, with their vectors stacked once for every pair they enter.
+
+    When every item is a ``Prepared`` with vectors of one length, ``left`` (and ``right`` when it
+    is not ``left``) are stacked into one (n_layers, length) matrix at construction and each item's
+    vectors become views of its rows, so memory is not doubled and ``bilinear_matrix`` does not copy
+    the vectors again for each of the store's pairs. Other items are kept as a plain list.
+    """
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        super().__init__(items)
+        self.stacked: dict[str, torch.Tensor] = {}
+        if not self or not all(isinstance(p, Prepared) for p in self):
+            return
+        if len({(p.left.shape, p.left.dtype, p.left.device) for p in self} |
+               {(p.right.shape, p.right.dtype, p.right.device) for p in self}) != 1:
+            return
+        same = all(p.right is p.left for p in self)
+        self.stacked["left"] = torch.stack([p.left for p in self])
+        self.stacked["right"] = self.stacked["left"] if same else torch.stack([p.right for p in self])
+        for k, p in enumerate(self):
+            p.left = self.stacked["left"][k]
+            p.right = self.stacked["right"][k]
+
+
+def _stacked(items: Sequence[Prepared], side: str) -> torch.Tensor:
+    if isinstance(items, PreparedLayers) and side in items.stacked:
+        return items.stacked[side]
+    return torch.stack([getattr(p, side) for p in items])
+
+
 def bilinear_matrix(rows: Sequence[Prepared], cols: Sequence[Prepared],
                     clamp: tuple[float, float] | None = (-1.0, 1.0)) -> torch.Tensor:
     """S[i, j] = ⟨rows[i].left, cols[j].right⟩ as one matrix product; NaN where undefined."""
-    left = torch.stack([p.left for p in rows])
-    right = torch.stack([p.right for p in cols])
+    left = _stacked(rows, "left")
+    right = _stacked(cols, "right")
     matrix = left @ right.T
     if clamp is not None:
         matrix = matrix.clamp(*clamp)
