@@ -215,7 +215,7 @@ def test_prepared_layers_are_stacked_once_and_pairs_use_them(tmp_path):
     a, b = (engine.prepared(spec, spec.resolve_options({}), s) for s in (0, 1))
     assert isinstance(a, PreparedLayers) and a.stacked["left"].shape == (2, N * N)
     for k, p in enumerate(a):
-        assert p.left.data_ptr() == a.stacked["left"][k].data_ptr() and p.right is p.left or \
-            p.right.data_ptr() == p.left.data_ptr()
+        assert p.left.data_ptr() == a.stacked["left"][k].data_ptr()
+        assert p.right.data_ptr() == p.left.data_ptr()  # cka's right vector is its left one
     plain = bilinear_matrix(list(a), list(b))  # plain lists: stacked on the fly
     np.testing.assert_array_equal(bilinear_matrix(a, b).numpy(), plain.numpy())
