@@ -20,10 +20,17 @@ Rows of the table:
 * (b) the Engine alone on the stores written in (a), with ``cka_minibatch(batch_size=b)`` — Nguyen,
   Raghu & Kornblith (2021): unbiased HSIC summed over the same consecutive batches simtorch uses.
 * (c) the in-memory ``measure.CKA(...).compute(loader)`` (exact ``cka``).
+* What-ifs, not in ``measure/`` (``--no-what-if`` skips them): (b*) is (b) with a row-sum NaN/Inf test
+  instead of ``check_finite``'s exhaustive one, (b†) is (b) with float32 Gram products.
 * A check, not timed: the mean of per-batch *biased* CKA computed by our kernels over the same
   batches, which must equal simtorch's matrix × L1 / n_batches (proves same models, data and batches).
 * Gram throughput: ``measure.statistics.layer_gram`` on the widest layer of a store against a plain
-  ``torch.matmul(X, X.T)`` of the same (n, p) float64 matrix, in GFLOP/s (2·n²·p flops).
+  ``torch.matmul(X, X.T)`` of the same (n, p) float64 matrix, in GFLOP/s (2·n²·p flops), and against a
+  product of the 4 × 4 upper row blocks only (what a symmetric product could save).
+
+Times are wall seconds and CPU seconds (``time.process_time``, all threads of the process); on a machine
+shared with other jobs the CPU seconds are the steadier comparison. ``--layer-set all`` also captures the
+conv outputs (9 layers instead of 5): simtorch's Gram work grows as L1·L2, ours as L1 + L2.
 """
 
 from __future__ import annotations
@@ -464,8 +471,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         rows.append(_row("`X Xᵀ` from 4×4 upper row blocks (not in measure/), same shape", g["tri_s"], None, None,
                          f"{g['tri_gflops']:.1f} effective GFLOP/s (10/16 of the flops)"))
         rows.append(_row("… `layer_gram`'s other steps, timed one by one", None, None, None,
-                         f"Zarr read {g['read_s']:.2f} s, float64 copy {g['to_float64_s']:.2f} s, check_finite "
-                         f"{g['check_finite_s']:.2f} s (a row-sum test: {g['rowsum_check_s']:.2f} s)"))
+                         f"Zarr read {g['read_s']:.2f} s, float64 copy {g['to_float64_s']:.2f} s; check_finite on "
+                         f"all of X (as `layer_gram_blocks` does per batch) {g['check_finite_s']:.2f} s, a row-sum "
+                         f"test {g['rowsum_check_s']:.2f} s"))
         flops_exact = 2 * 2.0 * n * n * sum(widths.values())
         flops_mb = 2 * 2.0 * (n // b) * b * b * sum(widths.values())
         results.update(exact_matrix=exact.tolist(), minibatch_matrix=mb.tolist(), batch_mean_matrix=check.tolist(),
