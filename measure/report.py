@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .engine import PairResult
-from .results import _atomic_write_bytes, plot_matrix
+from .results import _atomic_write_bytes, heatmap_png
 
 __all__ = ["REPORT_NAME", "diagonal_svg", "render_report", "write_report"]
 
@@ -58,23 +58,6 @@ def _e(value: Any) -> str:
 
 def _png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _heatmap_png(result: PairResult) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = result.spec.value_range
-    ax = plot_matrix(result.matrix, result.rows, result.cols,
-                     title=f"{result.measure}: {result.store_a} vs {result.store_b}",
-                     xlabel=result.store_b, ylabel=result.store_a,
-                     value_range=(lo, hi) if np.isfinite([lo, hi]).all() else None)
-    buf = io.BytesIO()
-    ax.figure.savefig(buf, format="png")
-    plt.close(ax.figure)
-    return buf.getvalue()
 
 
 def diagonal_svg(layers: Sequence[str], lines: Mapping[str, Sequence[float]], *, title: str = "",
@@ -194,7 +177,7 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
         parts.append("<h3>Heatmaps</h3><div class=\"grid\">")
         for i in idx:
             r = results[i]
-            png = pngs.get(i) or _heatmap_png(r)
+            png = pngs.get(i) or heatmap_png(r)
             parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(m)} heatmap: {_e(_pair_label(r))}">'
                          f"<figcaption>{_e(m)}: {_e(r.store_a)} (rows) vs {_e(r.store_b)} (columns)"
                          "</figcaption></figure>")

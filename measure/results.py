@@ -92,7 +92,8 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *,
     return ax
 
 
-def _heatmap_png(result: PairResult) -> bytes:
+def heatmap_png(result: PairResult) -> bytes:
+    """The PNG heatmap of one result (layer names on both axes, the measure's range as colour scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +130,7 @@ def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dic
         }
         if plots:
             png_path = out / f"{stem}.png"
-            _atomic_write_bytes(png_path, _heatmap_png(r))
+            _atomic_write_bytes(png_path, heatmap_png(r))
             entry["png"] = str(png_path.relative_to(out))
         if r.extras:
             entry["extras"] = r.extras
