@@ -1,6 +1,6 @@
 """Benchmark: a zoo of M models compared all-pairs, from scratch, with a warm cache, and as simtorch 0.2.1 does.
 
-    .venv/bin/python benchmarks/bench_zoo.py             # M = 2, 4, 8 (+ a 9th), n = 1024, width 4, CPU
+    .venv/bin/python benchmarks/bench_zoo.py             # M = 2, 4, 8 (+ a 9th), n = 1024, width 16, CPU
     .venv/bin/python benchmarks/bench_zoo.py --quick     # a small smoke run
     .venv/bin/python benchmarks/bench_zoo.py --device cuda
 
@@ -189,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--child", nargs=3, metavar=("KIND", "JOB", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--zoo-sizes", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--n", type=int, default=1024, help="samples (default 1024)")
-    parser.add_argument("--width", type=int, default=4, help="WideCNN width (act1: width × 1024 features)")
+    parser.add_argument("--width", type=int, default=16, help="WideCNN width (act1: width × 1024 features)")
     parser.add_argument("--batch-size", type=int, default=256, help="simtorch 0.2.1's batch size")
     parser.add_argument("--budget-mib", type=int, default=64, help="memory_budget of the Gram kernel (MiB)")
     parser.add_argument("--gram-sizes", nargs="+", default=["1024x8192", "1024x32768", "2048x32768"],
@@ -265,8 +265,8 @@ def run(args: argparse.Namespace) -> str:
                               "faster"))
             summary[m]["simtorch"] = sim
         else:
-            lines.append(_row(f"M={m} simtorch 0.2.1", None, f"not run: no {SIMTORCH_VENV} "
-                              "(create it with benchmarks/bench_measure.py)"))
+            why = "--no-simtorch" if args.no_simtorch else f"no {SIMTORCH_VENV} (benchmarks/bench_measure.py makes it)"
+            lines.append(_row(f"M={m} simtorch 0.2.1", None, f"not run: {why}"))
     added = run_child("zoo", dict(common, folder=str(work / f"zoo{m_max}"),
                                   cache=str(work / f"zoo{m_max}" / ".simtorch-cache.zarr"), extract=[m_max]))
     ratio = added["seconds"] / summary[m_max]["scratch"]["seconds"]
