@@ -79,8 +79,9 @@ def _library_versions() -> dict[str, str]:
 class _ArrayBatches:
     """Consecutive slices of a tensor or NumPy array (memory-mapped ones included), as tensors.
 
-    Slicing replaces ``DataLoader(TensorDataset(x))``, which indexes and re-stacks every sample; a
-    NumPy slice is copied, so read-only and memory-mapped arrays become ordinary writable tensors.
+    Slicing replaces ``DataLoader(TensorDataset(x))``, which indexes and re-stacks every sample. Each
+    batch is a copy (one memcpy): read-only and memory-mapped arrays become ordinary writable tensors,
+    and a model that modifies its input in place leaves the caller's data alone.
     """
 
     def __init__(self, data: torch.Tensor | np.ndarray, batch_size: int) -> None:
@@ -93,7 +94,8 @@ class _ArrayBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.data), self.batch_size):
             part = self.data[start : start + self.batch_size]
-            yield torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
+            # copies, so that a model that modifies its input in place cannot modify the caller's data
+            yield torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part.clone()
 
 
 def as_loader(data: Any, batch_size: int) -> tuple[Any, int]:
@@ -165,7 +167,8 @@ def _confounder_rows(inputs: Any) -> np.ndarray:
     else:
         tensor = inputs
     array = tensor.detach().cpu().numpy()
-    return np.ascontiguousarray(array.reshape(len(array), -1))
+    # A copy: the model may modify its input in place, and the writer keeps these rows until the chunk is full.
+    return np.array(array.reshape(len(array), -1))
 
 
 @contextmanager

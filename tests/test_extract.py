@@ -248,3 +248,23 @@ def test_a_full_disk_is_one_clear_error_and_the_store_stays_resumable(tmp_path, 
     expected = expected_arrays(small_cnn(), images(40), ["conv2", "fc1"], batch_size=4)
     for layer in ("conv2", "fc1"):
         np.testing.assert_array_equal(ZarrStore(path).read_layer(layer), expected[layer])
+
+
+def test_a_model_that_modifies_its_input_in_place(tmp_path):
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 3)
+
+        def forward(self, x):
+            x.mul_(2)  # some models normalise their input in place
+            return self.lin(x.flatten(1))
+
+    x = images(9)
+    original = x.clone()
+    extract(InPlace(), x, tmp_path / "i.zarr", layers=["lin"], batch_size=4, chunk_bytes=10**6, progress=False)
+    extract(small_cnn(), x, tmp_path / "ref.zarr", layers=["fc1"], progress=False)
+    assert torch.equal(x, original)  # the caller's data is untouched
+    store, ref = ZarrStore(tmp_path / "i.zarr"), ZarrStore(tmp_path / "ref.zarr")
+    np.testing.assert_array_equal(store.read_inputs(), original.numpy().reshape(9, -1))  # inputs as given
+    assert store.info.fingerprint == ref.info.fingerprint
