@@ -219,3 +219,13 @@ def test_prepared_layers_are_stacked_once_and_pairs_use_them(tmp_path):
         assert p.right.data_ptr() == p.left.data_ptr()  # cka's right vector is its left one
     plain = bilinear_matrix(list(a), list(b))  # plain lists: stacked on the fly
     np.testing.assert_array_equal(bilinear_matrix(a, b).numpy(), plain.numpy())
+
+
+def test_each_store_layer_statistic_is_computed_once_for_all_pairs_and_measures(tmp_path):
+    """M stores × L layers Grams, however many pairs and Gram measures are asked for."""
+    paths = make_zoo(tmp_path, [0, 1, 2, 3])
+    engine = Engine([ZarrStore(p) for p in paths], device="cpu")
+    pairs = [(i, j) for i in range(4) for j in range(4)]
+    results = engine.run([("cka", {}), ("cka_debiased", {}), ("dcka", {})], pairs)
+    assert len(results) == 3 * 16 and engine.statistics_computed == 4 * 2
+    assert len(engine._grams) == 4 * 2  # memory held: one Gram per (store, layer), not per pair
