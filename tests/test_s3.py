@@ -173,3 +173,20 @@ def test_missing_remote_store_is_a_clear_error(s3, capsys):
     code = main(["measure", f"s3://{BUCKET}/nothing-here", "--quiet"])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error:") and "No store at" in err
+
+
+def test_cli_extract_into_s3_then_rerun_reuses_it(s3, zoos, capsys, tmp_path):
+    from extract.demo import cnn
+    from pipeline import main
+
+    torch.manual_seed(0)
+    torch.save(cnn().state_dict(), tmp_path / "w.pt")
+    args = ["extract", "--model", "extract.demo:cnn", "--weights", str(tmp_path / "w.pt"), "--data", "digits",
+            "--layers", "fc2", "--name", "cli", "--out", f"s3://{BUCKET}/cli", "--device", "cpu", "--quiet",
+            "--no-inputs"]
+    assert main(args) == 0
+    store = ZarrStore(f"s3://{BUCKET}/cli/cli.zarr")
+    assert store.info.complete and store.layers == ["fc2"] and store.read_layer("fc2").shape[1:] == (10,)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out
