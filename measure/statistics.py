@@ -152,9 +152,12 @@ def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,
                       device: torch.device) -> list[torch.Tensor]:
     """Grams of consecutive batches of ``batch_size`` samples (a final partial batch is dropped)."""
     n_full = (store.n_samples // batch_size) * batch_size
+    what = f"layer {layer!r} of {store}"
     grams = []
-    for _, block in iter_row_blocks(store, layer, 0, n_full, batch_size, device):
-        grams.append(linear_gram(block))
+    for offset, block in iter_row_blocks(store, layer, 0, n_full, batch_size, device, check=False):
+        gram = linear_gram(block)
+        check_finite(torch.diagonal(gram).reshape(-1, 1), what, offset)  # as _check_gram_diagonal, per batch
+        grams.append(gram)
     return grams
 
 
