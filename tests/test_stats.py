@@ -21,13 +21,7 @@ def _independent(rng, n, widths):
     return [rng.standard_normal((n, w)) for w in widths]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many small products; torch's thread pool only adds overhead to them (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- permutation test
