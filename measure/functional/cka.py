@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
-from ._bilinear import CANCELLATION_RTOL, UNDEFINED_RTOL, Prepared, bilinear_matrix, normalized
+from .._checks import MeasureError
+from ._bilinear import CANCELLATION_RTOL, UNDEFINED_RTOL, Prepared, normalized
 from .gram import center_gram, linear_gram, rbf_gram, unbiased_hsic_vectors
 
 __all__ = ["cka", "cka_debiased", "cka_minibatch", "cka_rbf"]
@@ -95,11 +95,11 @@ def batch_grams(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [linear_gram(x[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
 
 
-def _pair(x, y, prepare, **kwargs) -> float:
-    x, y = as_samples_matrix(x, "x"), as_samples_matrix(y, "y")
-    check_same_samples(x, y)
-    px, py = prepare(linear_gram(x), **kwargs), prepare(linear_gram(y), **kwargs)
-    return float(bilinear_matrix([px], [py])[0, 0])
+def _compare(x, y, name: str, **options) -> float:
+    """The public functions below are ``measure.compare`` under a fixed name: one implementation."""
+    from ..registry import compare
+
+    return compare(x, y, name, **options)
 
 
 def cka(x, y) -> float:
@@ -110,26 +110,22 @@ def cka(x, y) -> float:
     >>> round(cka(x, 3 * x @ torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]), 12)
     1.0
     """
-    return _pair(x, y, _cka_prepare)
+    return _compare(x, y, "cka")
 
 
 def cka_debiased(x, y) -> float:
     """Linear CKA with Song et al.'s unbiased HSIC; ≈ 0 for independent data. Needs n ≥ 4."""
-    return _pair(x, y, _cka_debiased_prepare)
+    return _compare(x, y, "cka_debiased")
 
 
 def cka_rbf(x, y, threshold: float = 0.4) -> float:
     """RBF-kernel CKA, σ² = threshold² · median squared distance (Kornblith et al. 2019)."""
-    return _pair(x, y, _cka_rbf_prepare, threshold=threshold)
+    return _compare(x, y, "cka_rbf", threshold=threshold)
 
 
 def cka_minibatch(x, y, batch_size: int) -> float:
     """Nguyen et al.'s minibatch CKA over consecutive batches of ``batch_size`` samples."""
-    x, y = as_samples_matrix(x, "x"), as_samples_matrix(y, "y")
-    check_same_samples(x, y)
-    px = _cka_minibatch_prepare(batch_grams(x, batch_size))
-    py = _cka_minibatch_prepare(batch_grams(y, batch_size))
-    return float(bilinear_matrix([px], [py])[0, 0])
+    return _compare(x, y, "cka_minibatch", batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------- feature route

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
-from ._bilinear import Prepared, bilinear_matrix, normalized
+from .._checks import MeasureError
+from ._bilinear import Prepared, normalized
 from .gram import center_gram, linear_gram
 
 __all__ = ["confounder_gram", "dcka"]
@@ -68,10 +68,6 @@ def _dcka_prepare(gram: torch.Tensor, confounder: torch.Tensor, psd: bool = Fals
 
 def dcka(x, y, confounder, psd: bool = False) -> float:
     """Deconfounded linear CKA between x and y (n, ...) given the inputs ``confounder`` (n, ...)."""
-    x, y = as_samples_matrix(x, "x"), as_samples_matrix(y, "y")
-    z = as_samples_matrix(confounder, "confounder")
-    check_same_samples(x, y)
-    check_same_samples(x, z, ("x", "confounder"))
-    k0 = confounder_gram(z)
-    px, py = _dcka_prepare(linear_gram(x), k0, psd), _dcka_prepare(linear_gram(y), k0, psd)
-    return float(bilinear_matrix([px], [py])[0, 0])
+    from ..registry import compare
+
+    return compare(x, y, "dcka", confounder=confounder, psd=psd)
