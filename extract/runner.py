@@ -430,6 +430,7 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
     reducer = LayerReducer(reduce)
     bar = tqdm(total=n, initial=resume_from, desc=f"extract {sim.model_name}", unit="sample",
                disable=not progress, leave=False)
+    verified = 0  # chunk digests already checked against the partial store's
     try:
         with sim.hooked():
             for batch_index, batch in enumerate(loader):
@@ -440,7 +441,7 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                 stop = position + rows
                 if fp is not None:
                     fp.update(fingerprinted)
-                    _check_resumed_chunks(fp, info, resume_from, path)
+                    verified = _check_resumed_chunks(fp, info, resume_from, path, verified)
                 if stop <= resume_from:
                     position = stop
                     continue
@@ -479,7 +480,7 @@ def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk
                 raise ValueError(f"The data yielded {position} samples but reports {n} (len); fix its __len__.")
             # Close the last partial chunk's digest before the writer records that chunk as durable.
             fingerprint = fp.finish()
-            _check_resumed_chunks(fp, info, resume_from, path)
+            _check_resumed_chunks(fp, info, resume_from, path, verified)
             if writer is not None:
                 writer.close()
                 bytes_written = writer.bytes_written
@@ -571,15 +572,20 @@ def _start_writer(store, info: StoreInfo, fp: _Fingerprint, resume_from: int):
     return ChunkWriter(store, info.chunk_samples, resume_from, on_chunk_written)
 
 
-def _check_resumed_chunks(fp: _Fingerprint, info: StoreInfo, resume_from: int, path: Path) -> None:
-    """On resume, the data's chunk digests must equal those recorded for the chunks already written."""
+def _check_resumed_chunks(fp: _Fingerprint, info: StoreInfo, resume_from: int, path: Path, first: int = 0) -> int:
+    """On resume, the data's chunk digests must equal those recorded for the chunks already written.
+
+    Checks the digests from index ``first`` on and returns the index to start from next time.
+    """
     done = -(-resume_from // info.chunk_samples) if info.chunk_samples else 0  # ceil: a final partial chunk
-    for i in range(min(done, len(fp.chunk_digests))):
+    last = min(done, len(fp.chunk_digests))
+    for i in range(first, last):
         if i < len(info.chunk_digests) and fp.chunk_digests[i] != info.chunk_digests[i]:
             raise StoreError(
                 f"The data differs from the data the partial store at {path} was started with "
                 f"(chunk {i}); pass --force to start again, or choose another --out."
             )
+    return max(first, last)
 
 
 def _remove_partial_files(path: Path) -> None:
