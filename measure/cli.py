@@ -59,6 +59,10 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--memory-budget", type=_positive_float, default=1.0, metavar="GIB",
                         help="GiB of features held at once while building Grams (default 1)")
+    parser.add_argument("--precision", choices=["float64", "float32"], default="float64",
+                        help="Gram products in float64 (default), or float32 on column-centred activations "
+                             "with float64 offsets: ~2x faster on CPU, CKA within ~1e-9 "
+                             "(refused by procrustes, cca, svcca, linreg)")
     parser.add_argument("--undefined", choices=["raise", "nan"], default="raise",
                         help="undefined values (constant layers...): stop with an error, or write NaN")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
@@ -214,7 +218,10 @@ def _run_measure(args: argparse.Namespace) -> int:
     engine = Engine(stores, device=args.device, layers=args.layers,
                     memory_budget=int(args.memory_budget * 2**30), undefined=args.undefined, progress=progress,
                     cache=cache, reduce=getattr(args, "reduce", None),
-                    mixed_reductions=getattr(args, "mixed_reductions", False))
+                    mixed_reductions=getattr(args, "mixed_reductions", False),
+                    precision=getattr(args, "precision", "float64"))
+    for name, _ in measures:
+        engine.check_precision(get_measure(name))
     results = []
     bar = tqdm(total=work, desc="measure", unit="pair", disable=args.quiet, leave=False)
     try:
@@ -239,7 +246,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         store_meta[s.name]["reductions"] = {k: engine.stores[i].info.reductions.get(k, "flatten")
                                             for k in engine.layers[i]}
     manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
-                             plots=not args.no_plots)
+                             plots=not args.no_plots, extra={"precision": engine.precision})
     if not getattr(args, "no_report", False):
         run_options = {k: getattr(args, k, None) for k in ("layers", "reduce", "mixed_reductions", "undefined",
                                                             "permutations", "bootstrap")}

@@ -35,7 +35,7 @@ __all__ = ["compute_grams", "dask_client"]
 
 
 def _gram_task(path: str, layer: str, storage_options: dict[str, Any] | None, memory_budget: int,
-               device: str | None, reduction: str | None = None) -> np.ndarray:
+               device: str | None, reduction: str | None = None, precision: str = "float64") -> np.ndarray:
     """Runs on a worker: open the store by path/URL, pick the worker's device, return K = X Xᵀ (float64).
 
     ``reduction`` is the layer's effective reduction in the driver's engine (``extract.reductions``).
@@ -46,7 +46,7 @@ def _gram_task(path: str, layer: str, storage_options: dict[str, Any] | None, me
     store = open_store(path, read_only=True, storage_options=storage_options)
     if reduction is not None:
         store = reduce_store(store, {layer: reduction})
-    gram = layer_gram(store, layer, default_device(device), memory_budget)
+    gram = layer_gram(store, layer, default_device(device), memory_budget, precision)
     return gram.to("cpu").numpy()
 
 
@@ -83,15 +83,15 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
             if (s, layer) in engine._grams:
                 continue
             if engine.cache is not None:
-                hit = engine.cache.get(store, layer, "gram")
+                hit = engine.cache.get(store, layer, "gram", engine.gram_options)
                 if hit is not None:
                     engine.provide_gram(s, layer, hit)
                     continue
             todo.append((s, layer, str(path)))
     if not todo:
         return 0
-    args = [(path, layer, storage_options, budget, device, engine.stores[s].info.reductions.get(layer))
-            for s, layer, path in todo]
+    args = [(path, layer, storage_options, budget, device, engine.stores[s].info.reductions.get(layer),
+             engine.precision) for s, layer, path in todo]
     if client is not None:
         futures = [client.submit(_gram_task, *a, pure=False) for a in args]
         grams = client.gather(futures)
@@ -104,6 +104,7 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
         engine.provide_gram(s, layer, gram)
         engine.statistics_computed += 1
         if engine.cache is not None:
-            engine.cache.put(engine.stores[s], layer, np.asarray(gram, dtype=np.float64), "gram")
+            engine.cache.put(engine.stores[s], layer, np.asarray(gram, dtype=np.float64), "gram",
+                             engine.gram_options)
     return len(todo)
 

@@ -28,6 +28,7 @@ from .accumulators.cka import choose_route
 from .cache import StatisticsCache
 from .functional._bilinear import PreparedLayers
 from .functional.dcka import confounder_gram
+from .functional.gram import PRECISIONS
 from .registry import MeasureSpec, get_measure
 from .statistics import (
     DEFAULT_MEMORY_BUDGET,
@@ -129,6 +130,12 @@ class Engine:
     mixed_reductions : bool, default=False
         Compare a layer with the same-named layer of another store even when
         their reductions differ (with a warning); refused by default.
+    precision : {"float64", "float32"}, default="float64"
+        How Gram products are formed (``measure.functional.gram.linear_gram``):
+        float64, or float32 products of column-centred activations with the
+        offsets added back in float64 (about 2× faster on CPU). Statistics are
+        float64 either way. Measures that need the Gram's small eigenvalues
+        (Procrustes, CCA, SVCCA, linreg) refuse float32.
     """
 
     def __init__(
@@ -143,7 +150,11 @@ class Engine:
         cache: StatisticsCache | None = None,
         reduce: Any = None,
         mixed_reductions: bool = False,
+        precision: str = "float64",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise MeasureError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        self.precision = precision
         if not stores:
             raise MeasureError("No stores to measure; pass at least one store.")
         self.stores = [reduce_store(s, reduce) for s in stores]
@@ -168,10 +179,23 @@ class Engine:
     def gram(self, s: int, layer: str) -> torch.Tensor:
         key = (s, layer)
         if key not in self._grams:
-            self._grams[key] = self._cached(self.stores[s], layer, "gram", None, lambda: layer_gram(
-                self.stores[s], layer, self.device, self.memory_budget))
+            self._grams[key] = self._cached(self.stores[s], layer, "gram", self.gram_options, lambda: layer_gram(
+                self.stores[s], layer, self.device, self.memory_budget, self.precision))
             self._progress(f"gram {self.stores[s].name}/{layer}")
         return self._grams[key]
+
+    @property
+    def gram_options(self) -> dict[str, Any] | None:
+        """The options that change a Gram, as keyed in the persistent cache (float64 Grams have none)."""
+        return {"precision": self.precision} if self.precision != "float64" else None
+
+    def check_precision(self, spec: MeasureSpec) -> None:
+        """Refuse a measure that needs float64 Grams when Grams are formed in float32."""
+        if self.precision != "float64" and spec.statistic != "features" and not spec.float32_grams:
+            raise MeasureError(
+                f"{spec.name} needs float64 Gram products: it uses the Gram's small eigenvalues, which "
+                f"precision={self.precision!r} does not resolve. Measure it with --precision float64."
+            )
 
     def provide_gram(self, s: int, layer: str, gram: Any) -> None:
         """Use ``gram`` (computed elsewhere, e.g. on a dask worker) as the Gram of layer ``layer`` of store ``s``."""
@@ -209,8 +233,8 @@ class Engine:
             return self.gram(s, layer)
         if spec.statistic == "gram_blocks":
             b = options["batch_size"]
-            return self._cached(self.stores[s], layer, "gram_blocks", {"batch_size": b},
-                                lambda: layer_gram_blocks(self.stores[s], layer, b, self.device))
+            return self._cached(self.stores[s], layer, "gram_blocks", {"batch_size": b, **(self.gram_options or {})},
+                                lambda: layer_gram_blocks(self.stores[s], layer, b, self.device, self.precision))
         self.statistics_computed += 1
         return layer_features(self.stores[s], layer, self.device)
 
@@ -268,8 +292,11 @@ class Engine:
             pairs: Sequence[tuple[int, int]]) -> list[PairResult]:
         """Every measure on every pair (i, j) of store indices."""
         results = []
-        for name, given in measures:
-            spec = get_measure(name)
+        measures = [(get_measure(name), given) for name, given in measures]
+        for spec, _ in measures:
+            self.check_precision(spec)
+        for spec, given in measures:
+            name = spec.name
             options = spec.resolve_options(given)
             cache: dict[int, list[Any]] = {}
             for i, j in pairs:

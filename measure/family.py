@@ -92,7 +92,7 @@ register(MeasureSpec(
 register(MeasureSpec(
     "mutual_knn", "gram",
     lambda stat, *, confounder=None, k=10, sample_ids=None: _knn_prepare(stat, k, sample_ids),
-    _knn_matrix, options={"k": 10}, value_range=(0.0, 1.0),
+    _knn_matrix, options={"k": 10}, value_range=(0.0, 1.0), float32_grams=True,
     reference="Huh, Cheung, Wang & Isola, ICML 2024 (mutual k-NN, cosine neighbourhoods)",
 ))
 

@@ -60,6 +60,9 @@ class MeasureSpec:
     feature_route : str, optional
         Key of ``LinearCKAMatrix.compute()``'s output when the measure can also be computed from
         feature moments instead of Grams (its ``route`` option chooses; see ``choose_route``).
+    float32_grams : bool
+        Accurate on Grams formed with float32 products (``precision="float32"``): true for the
+        kernel measures, false for those that whiten or take matrix square roots of the Gram.
     """
 
     name: str
@@ -73,6 +76,7 @@ class MeasureSpec:
     needs_confounder: bool = False
     reference: str = ""
     feature_route: str | None = None
+    float32_grams: bool = False
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         options = check_options(self.name, dict(given), dict(self.options))
@@ -90,6 +94,7 @@ class MeasureSpec:
             "name": self.name, "statistic": self.statistic, "options": dict(self.options),
             "symmetric": self.symmetric, "range": list(self.value_range), "kind": self.kind,
             "needs_confounder": self.needs_confounder, "reference": self.reference,
+            "float32_grams": self.float32_grams,
         }
 
 
@@ -219,27 +224,27 @@ def _unclamped(rows, cols):
 
 register(MeasureSpec(
     "cka", "gram", _no_confounder(_cka_prepare), bilinear_matrix, options={"route": "auto"},
-    value_range=(0.0, 1.0), feature_route="cka",
+    value_range=(0.0, 1.0), feature_route="cka", float32_grams=True,
     reference="Kornblith et al., ICML 2019 (linear kernel, biased HSIC)",
 ))
 register(MeasureSpec(
     "cka_debiased", "gram", _no_confounder(_cka_debiased_prepare), _unclamped, options={"route": "auto"},
-    value_range=(-1.0, 1.0), feature_route="cka_debiased",
+    value_range=(-1.0, 1.0), feature_route="cka_debiased", float32_grams=True,
     reference="Kornblith et al., ICML 2019 with the unbiased HSIC of Song et al., JMLR 2012",
 ))
 register(MeasureSpec(
     "cka_rbf", "gram", _no_confounder(_cka_rbf_prepare), bilinear_matrix, options={"threshold": 0.4},
-    value_range=(0.0, 1.0),
+    value_range=(0.0, 1.0), float32_grams=True,
     reference="Kornblith et al., ICML 2019 (RBF kernel, sigma^2 = threshold^2 * median squared distance)",
 ))
 register(MeasureSpec(
     "cka_minibatch", "gram_blocks", _minibatch_prepare, _unclamped, options={"batch_size": None},
-    value_range=(-1.0, 1.0),
+    value_range=(-1.0, 1.0), float32_grams=True,
     reference="Nguyen, Raghu & Kornblith, ICLR 2021 (unbiased HSIC summed over batches)",
 ))
 register(MeasureSpec(
     "dcka", "gram", lambda stat, *, confounder, psd=False: _dcka_prepare(stat, confounder, psd),
-    bilinear_matrix, options={"psd": False}, needs_confounder=True,
+    bilinear_matrix, options={"psd": False}, needs_confounder=True, float32_grams=True,
     reference="Cui et al., NeurIPS 2022 (deconfounded linear CKA)",
 ))
 

@@ -11,7 +11,7 @@ Every block is checked for NaN/Inf on the device with one host sync.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,9 +19,9 @@ import torch
 
 from extract.store import ActivationStore
 
-from ._checks import check_finite
+from ._checks import MeasureError, check_finite
 from .accumulators.cka import LinearCKAMatrix
-from .functional.gram import linear_gram
+from .functional.gram import cross_gram, linear_gram
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -41,8 +41,9 @@ def _chunk_rows(store: ActivationStore, layer: str | None) -> int:
 
 
 def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop: int, rows: int,
-                    device: torch.device, *, check: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset, float64 block on ``device``) for rows start:stop, reading one block ahead on a thread.
+                    device: torch.device, *, check: bool = True,
+                    dtype: torch.dtype = torch.float64) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, block on ``device`` in ``dtype``) for rows start:stop, reading one block ahead on a thread.
 
     ``layer=None`` reads the stored inputs. ``check=False`` skips the per-block NaN/Inf check
     (``layer_gram`` checks the Gram's diagonal instead, which is cheaper and equivalent).
@@ -60,7 +61,7 @@ def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop:
             array = pending.result()
             pending = pool.submit(read, offsets[i + 1]) if i + 1 < len(offsets) else None
             block = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-            block = block.reshape(len(block), -1).to(torch.float64)
+            block = block.reshape(len(block), -1).to(dtype)
             if check:
                 check_finite(block, what, offset)
             yield offset, block
@@ -72,20 +73,20 @@ def _features_bytes(store: ActivationStore, layer: str | None) -> int:
 
 
 def _gather(store: ActivationStore, layer: str | None, start: int, stop: int, chunk: int,
-            device: torch.device, check: bool = True) -> torch.Tensor:
-    """Rows start:stop as one float64 (rows, n_features) tensor, filled chunk by chunk in place.
+            device: torch.device, check: bool = True, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rows start:stop as one (rows, n_features) tensor in ``dtype``, filled chunk by chunk in place.
 
     Preallocating avoids the transient second copy a ``torch.cat`` of the blocks would need.
     """
     out = None
-    for offset, block in iter_row_blocks(store, layer, start, stop, chunk, device, check=check):
+    for offset, block in iter_row_blocks(store, layer, start, stop, chunk, device, check=check, dtype=dtype):
         if out is None:
-            out = torch.empty((stop - start, block.shape[1]), dtype=torch.float64, device=device)
+            out = torch.empty((stop - start, block.shape[1]), dtype=dtype, device=device)
         out[offset - start: offset - start + len(block)] = block
         del block
     if out is None:
         width = _features_bytes(store, layer) // 8
-        out = torch.empty((0, width), dtype=torch.float64, device=device)
+        out = torch.empty((0, width), dtype=dtype, device=device)
     return out
 
 
@@ -110,53 +111,94 @@ def gram_block_rows(n: int, chunk: int, per_row: int, memory_budget: int) -> tup
     return a_rows, b_rows
 
 
-def _check_gram_diagonal(gram: torch.Tensor, store: ActivationStore, layer: str | None) -> None:
-    """K[i, i] = Σⱼ x_ij² is NaN or Inf exactly when row i of X holds a NaN or an Inf (one host sync)."""
-    what = f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
-    check_finite(torch.diagonal(gram).reshape(-1, 1), what, 0)
+def _what(store: ActivationStore, layer: str | None) -> str:
+    return f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
+
+
+def _check_gram_diagonal(gram: torch.Tensor, rows: Callable[[], Iterator[tuple[int, torch.Tensor]]],
+                         what: str, precision: str) -> None:
+    """Raise naming the samples when K = X Xᵀ is not finite (one host sync when it is).
+
+    In float64 K[i, i] = Σⱼ x_ij² is NaN or Inf exactly when row i of X holds a NaN or an Inf
+    (float32 inputs cannot overflow it). A float32 Gram mixes every row through the column
+    means, so a non-finite diagonal rescans X (``rows()``) to name the bad samples; finding
+    none there means the float32 products overflowed.
+    """
+    if bool(torch.isfinite(torch.diagonal(gram)).all()):
+        return
+    for offset, block in rows():
+        check_finite(block, what, offset)
+    if precision == "float32":
+        raise MeasureError(
+            f"The Gram of {what} overflows in float32 products (activations beyond ~1e19 in magnitude); "
+            "measure with precision='float64' (--precision float64)."
+        )
+    raise MeasureError(f"The Gram of {what} overflows float64 (activations beyond ~1e154 in magnitude); "
+                       "rescale the layer before measuring.")
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "float32" else torch.float64
 
 
 def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64") -> torch.Tensor:
     """K = X Xᵀ in float64 on ``device``, holding about ``memory_budget`` bytes of X at once.
 
+    ``precision="float32"`` forms the products in float32 after a float64 shift by the column
+    means (``linear_gram``); K is float64 either way.
     Out of core, K is filled block by block, K[A, B] = X_A X_Bᵀ: a block A of rows is held
     while the rows after it stream past in blocks B, so X is read about n / |A| times and the
-    peak memory is the budget plus K itself (n² float64), whatever the store's size.
+    peak memory is the budget plus K itself (n² float64), whatever the store's size. In float32
+    the shift is the column means of the first block A (the identity behind it holds for any
+    shift; means of a block are close enough to keep the shifted values small).
     """
     n = store.n_samples
     chunk = _chunk_rows(store, layer)
     per_row = max(1, _features_bytes(store, layer))
     a_rows, b_rows = gram_block_rows(n, chunk, per_row, memory_budget)
+    dtype = _dtype(precision)
+    what = _what(store, layer)
+
+    def rescan() -> Iterator[tuple[int, torch.Tensor]]:
+        return iter_row_blocks(store, layer, 0, n, chunk, device, check=False)
+
     if a_rows >= n:
-        gram = linear_gram(_gather(store, layer, 0, n, chunk, device, check=False))
-        _check_gram_diagonal(gram, store, layer)
+        gram = linear_gram(_gather(store, layer, 0, n, chunk, device, check=False, dtype=dtype), precision)
+        _check_gram_diagonal(gram, rescan, what, precision)
         return gram
     gram = torch.empty((n, n), dtype=torch.float64, device=device)
+    shift = None
     for a0 in range(0, n, a_rows):
         a1 = min(n, a0 + a_rows)
-        xa = _gather(store, layer, a0, a1, chunk, device, check=False)
-        gram[a0:a1, a0:a1] = xa @ xa.T
-        for b0, xb in iter_row_blocks(store, layer, a1, n, b_rows, device, check=False):
+        xa = _gather(store, layer, a0, a1, chunk, device, check=False, dtype=dtype)
+        if shift is None and precision == "float32":
+            shift = xa.mean(dim=0, dtype=torch.float64)
+        gram[a0:a1, a0:a1] = linear_gram(xa, precision, shift)
+        for b0, xb in iter_row_blocks(store, layer, a1, n, b_rows, device, check=False, dtype=dtype):
             b1 = b0 + len(xb)
-            cross = xa @ xb.T
+            cross = cross_gram(xa, xb, precision, shift)
             gram[a0:a1, b0:b1] = cross
             gram[b0:b1, a0:a1] = cross.T
             del xb, cross
         del xa
-    _check_gram_diagonal(gram, store, layer)
+    _check_gram_diagonal(gram, rescan, what, precision)
     return gram
 
 
 def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,
-                      device: torch.device) -> list[torch.Tensor]:
-    """Grams of consecutive batches of ``batch_size`` samples (a final partial batch is dropped)."""
+                      device: torch.device, precision: str = "float64") -> list[torch.Tensor]:
+    """Grams of consecutive batches of ``batch_size`` samples (a final partial batch is dropped).
+
+    ``precision`` as in ``layer_gram``; in float32 each batch is shifted by its own column means.
+    """
     n_full = (store.n_samples // batch_size) * batch_size
-    what = f"layer {layer!r} of {store}"
+    what = _what(store, layer)
     grams = []
-    for offset, block in iter_row_blocks(store, layer, 0, n_full, batch_size, device, check=False):
-        gram = linear_gram(block)
-        check_finite(torch.diagonal(gram).reshape(-1, 1), what, offset)  # as _check_gram_diagonal, per batch
+    for offset, block in iter_row_blocks(store, layer, 0, n_full, batch_size, device, check=False,
+                                         dtype=_dtype(precision)):
+        gram = linear_gram(block, precision)
+        _check_gram_diagonal(gram, lambda rows=((offset, block),): iter(rows), what, precision)
         grams.append(gram)
     return grams
 
