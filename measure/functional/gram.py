@@ -78,7 +78,8 @@ def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: t
             block_b = xb[:, a:a + FLOAT32_FEATURE_BLOCK].to(torch.float64) - c
             rb += block_b @ c
             gram += block_a.to(torch.float32) @ block_b.to(torch.float32).T
-    return gram.add_(ra[:, None]).add_(rb[None, :]).add_(shift @ shift)
+    gram.add_(ra[:, None]).add_(rb[None, :]).add_(shift @ shift)
+    return (gram + gram.T) / 2 if same else gram  # the offsets' rounding order breaks exact symmetry
 
 
 def cross_gram(xa: torch.Tensor, xb: torch.Tensor, precision: str = "float64",
