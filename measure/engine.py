@@ -33,8 +33,8 @@ from .registry import MeasureSpec, get_measure
 from .statistics import (
     DEFAULT_MEMORY_BUDGET,
     layer_features,
-    layer_gram,
     layer_gram_blocks,
+    layer_grams,
     layer_moments,
     layer_widths,
 )
@@ -177,12 +177,32 @@ class Engine:
 
     # ------------------------------------------------------------------ statistics
     def gram(self, s: int, layer: str) -> torch.Tensor:
-        key = (s, layer)
-        if key not in self._grams:
-            self._grams[key] = self._cached(self.stores[s], layer, "gram", self.gram_options, lambda: layer_gram(
-                self.stores[s], layer, self.device, self.memory_budget, self.precision))
+        self.ensure_grams([(s, layer)])
+        return self._grams[(s, layer)]
+
+    def ensure_grams(self, keys: Iterable[tuple[int, str]]) -> None:
+        """Load or compute the Grams of (store index, layer) ``keys``, in order.
+
+        Cached Grams are loaded; the others are computed by ``layer_grams``, which reads the next
+        layer while the current one is multiplied.
+        """
+        missing = []
+        for key in dict.fromkeys(keys):
+            if key in self._grams:
+                continue
+            hit = self.cache.get(self.stores[key[0]], key[1], "gram", self.gram_options) if self.cache else None
+            if hit is not None:
+                self._grams[key] = torch.from_numpy(hit).to(self.device)
+            else:
+                missing.append(key)
+        jobs = [(self.stores[s], layer) for s, layer in missing]
+        for (s, layer), gram in zip(missing, layer_grams(jobs, self.device, self.memory_budget, self.precision)):
+            self.statistics_computed += 1
+            if self.cache is not None:
+                self.cache.put(self.stores[s], layer, gram.detach().to("cpu", torch.float64).numpy(), "gram",
+                               self.gram_options)
+            self._grams[(s, layer)] = gram
             self._progress(f"gram {self.stores[s].name}/{layer}")
-        return self._grams[key]
 
     @property
     def gram_options(self) -> dict[str, Any] | None:
@@ -299,6 +319,9 @@ class Engine:
             name = spec.name
             options = spec.resolve_options(given)
             cache: dict[int, list[Any]] = {}
+            if spec.statistic == "gram":  # every Gram the pairs need, read ahead in the order they are used
+                self.ensure_grams((s, layer) for i, j in pairs if self.route(spec, options, i, j) == "gram"
+                                  for s in (i, j) for layer in self.layers[s])
             for i, j in pairs:
                 if self.route(spec, options, i, j) == "features":
                     matrix, extras = self._feature_matrix(spec, i, j), {"route": "features"}

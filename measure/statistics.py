@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "layer_features",
     "layer_gram",
     "layer_gram_blocks",
+    "layer_grams",
     "layer_moments",
 ]
 
@@ -142,7 +144,8 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64") -> torch.Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
+               features: torch.Tensor | None = None) -> torch.Tensor:
     """K = X Xᵀ in float64 on ``device``, holding about ``memory_budget`` bytes of X at once.
 
     ``precision="float32"`` forms the products in float32 after a float64 shift by the column
@@ -152,6 +155,7 @@ def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
     peak memory is the budget plus K itself (n² float64), whatever the store's size. In float32
     the shift is the column means of the first block A (the identity behind it holds for any
     shift; means of a block are close enough to keep the shifted values small).
+    ``features``: the layer's rows already read (``layer_grams`` reads ahead), for a layer that fits.
     """
     n = store.n_samples
     chunk = _chunk_rows(store, layer)
@@ -164,7 +168,10 @@ def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
         return iter_row_blocks(store, layer, 0, n, chunk, device, check=False)
 
     if a_rows >= n:
-        gram = linear_gram(_gather(store, layer, 0, n, chunk, device, check=False, dtype=dtype), precision)
+        if features is None:
+            features = _gather(store, layer, 0, n, chunk, device, check=False, dtype=dtype)
+        gram = linear_gram(features, precision)
+        del features
         _check_gram_diagonal(gram, rescan, what, precision)
         return gram
     gram = torch.empty((n, n), dtype=torch.float64, device=device)
@@ -173,7 +180,7 @@ def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
         a1 = min(n, a0 + a_rows)
         xa = _gather(store, layer, a0, a1, chunk, device, check=False, dtype=dtype)
         if shift is None and precision == "float32":
-            shift = xa.mean(dim=0, dtype=torch.float64)
+            shift = xa.mean(dim=0)
         gram[a0:a1, a0:a1] = linear_gram(xa, precision, shift)
         for b0, xb in iter_row_blocks(store, layer, a1, n, b_rows, device, check=False, dtype=dtype):
             b1 = b0 + len(xb)
@@ -184,6 +191,42 @@ def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
         del xa
     _check_gram_diagonal(gram, rescan, what, precision)
     return gram
+
+
+def _fits(store: ActivationStore, layer: str, memory_budget: int) -> bool:
+    """Whether ``layer_gram`` reads the layer once (in core) under ``memory_budget``."""
+    per_row = max(1, _features_bytes(store, layer))
+    return gram_block_rows(store.n_samples, _chunk_rows(store, layer), per_row, memory_budget)[0] >= store.n_samples
+
+
+def layer_grams(jobs: Sequence[tuple[ActivationStore, str]], device: torch.device,
+                memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64") -> Iterator[torch.Tensor]:
+    """``layer_gram`` of each (store, layer) in order, reading the next layer while this one is multiplied.
+
+    The next layer is read ahead on a background thread only when both layers' features fit the
+    budget together, so the peak memory stays within ``memory_budget`` plus the Grams.
+    """
+    dtype = _dtype(precision)
+
+    def size(k: int) -> int:
+        store, layer = jobs[k]
+        return store.n_samples * _features_bytes(store, layer) * dtype.itemsize // 8
+
+    def read(k: int) -> torch.Tensor:
+        store, layer = jobs[k]
+        n = store.n_samples
+        return _gather(store, layer, 0, n, _chunk_rows(store, layer), device, check=False, dtype=dtype)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead: tuple[int, Any] | None = None
+        for k, (store, layer) in enumerate(jobs):
+            features = ahead[1].result() if ahead is not None and ahead[0] == k else None
+            ahead = None
+            if (k + 1 < len(jobs) and _fits(store, layer, memory_budget) and _fits(*jobs[k + 1], memory_budget)
+                    and size(k) + size(k + 1) <= memory_budget):
+                ahead = (k + 1, pool.submit(read, k + 1))
+            yield layer_gram(store, layer, device, memory_budget, precision, features=features)
+            del features
 
 
 def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,

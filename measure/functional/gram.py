@@ -48,37 +48,53 @@ def _symmetric_product(x: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def _float64_matvec(x: torch.Tensor, v: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """X v in float64 for float32 X, converting 128 rows at a time (the copy stays in cache: ~10x faster)."""
+    return torch.cat([x[i:i + rows].to(torch.float64) @ v for i in range(0, len(x), rows)])
+
+
 def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
     """X_a X_bᵀ (X_b = X_a when ``xb`` is None) in float64, from float32 products of shifted rows.
 
-    With a shift c (float64; the column means keep the shifted values small),
-    X' = X − 1cᵀ and r = X'c, the identity
+    With a shift c (rounded to float32; the column means keep the shifted values
+    small), X' = X − 1cᵀ and r = X'c, the identity
 
         X_a X_bᵀ = X'_a X'_bᵀ + r_a 1ᵀ + 1 r_bᵀ + cᵀc
 
-    leaves only X'_a X'_bᵀ to be rounded: it is formed in float32 over blocks of
-    4096 features, each block's product added to a float64 sum. Shifting first
-    removes the large common offset that makes a plain float32 X Xᵀ lose digits
-    when activations have a large mean (ReLU layers); r and cᵀc are float64.
-    The error is that of float32 dot products of centred values over 4096
-    terms, about 1e-7 of the largest |X'_a X'_bᵀ| entry.
+    is exact. X' is formed once, rounded to float32 (for float32 inputs the
+    subtraction is a single correctly rounded float32 operation), and X'_a X'_bᵀ
+    is multiplied in float32 over blocks of 4096 features, each block's product
+    added to a float64 sum. Shifting first removes the large common offset that
+    makes a plain float32 X Xᵀ lose digits when activations have a large mean
+    (ReLU layers). The error is that of float32 dot products of centred values
+    over 4096 terms, about 1e-7 of the largest |X'_a X'_bᵀ| entry. The offsets r
+    and cᵀc are float64 products of the same float32 X'.
     """
     same = xb is None
     xb = xa if same else xb
+    shift32 = shift.to(torch.float32)
+    shift64 = shift32.to(torch.float64)
     gram = torch.zeros((len(xa), len(xb)), dtype=torch.float64, device=xa.device)
     ra = torch.zeros(len(xa), dtype=torch.float64, device=xa.device)
     rb = ra if same else torch.zeros(len(xb), dtype=torch.float64, device=xa.device)
+
+    def shifted(x: torch.Tensor, a: int) -> torch.Tensor:
+        block, c = x[:, a:a + FLOAT32_FEATURE_BLOCK], shift32[a:a + FLOAT32_FEATURE_BLOCK]
+        if block.dtype == torch.float32:
+            return block - c
+        return (block.to(torch.float64) - c.to(torch.float64)).to(torch.float32)
+
     for a in range(0, xa.shape[1], FLOAT32_FEATURE_BLOCK):
-        c = shift[a:a + FLOAT32_FEATURE_BLOCK]
-        block_a = xa[:, a:a + FLOAT32_FEATURE_BLOCK].to(torch.float64) - c
-        ra += block_a @ c
+        c = shift64[a:a + FLOAT32_FEATURE_BLOCK]
+        block_a = shifted(xa, a)
+        ra += _float64_matvec(block_a, c)
         if same:
-            gram += _symmetric_product(block_a.to(torch.float32))
+            gram += _symmetric_product(block_a)
         else:
-            block_b = xb[:, a:a + FLOAT32_FEATURE_BLOCK].to(torch.float64) - c
-            rb += block_b @ c
-            gram += block_a.to(torch.float32) @ block_b.to(torch.float32).T
-    gram.add_(ra[:, None]).add_(rb[None, :]).add_(shift @ shift)
+            block_b = shifted(xb, a)
+            rb += _float64_matvec(block_b, c)
+            gram += block_a @ block_b.T
+    gram.add_(ra[:, None]).add_(rb[None, :]).add_(shift64 @ shift64)
     return (gram + gram.T) / 2 if same else gram  # the offsets' rounding order breaks exact symmetry
 
 
@@ -92,9 +108,13 @@ def cross_gram(xa: torch.Tensor, xb: torch.Tensor, precision: str = "float64",
     _check_precision(precision)
     xa, xb = xa.reshape(len(xa), -1), xb.reshape(len(xb), -1)
     if precision == "float32":
-        shift = xa.mean(dim=0, dtype=torch.float64) if shift is None else shift
-        return _shifted_float32_product(xa, xb, shift)
+        return _shifted_float32_product(xa, xb, _column_means(xa) if shift is None else shift)
     return xa.to(torch.float64) @ xb.to(torch.float64).T
+
+
+def _column_means(x: torch.Tensor) -> torch.Tensor:
+    """Column means, in one matrix-vector product (any shift keeps the identity exact; means keep it small)."""
+    return torch.ones(len(x), dtype=x.dtype, device=x.device) @ x / len(x)
 
 
 def _check_precision(precision: str) -> None:
@@ -117,8 +137,7 @@ def linear_gram(x: torch.Tensor, precision: str = "float64", shift: torch.Tensor
     _check_precision(precision)
     x = x.reshape(len(x), -1)
     if precision == "float32":
-        shift = x.mean(dim=0, dtype=torch.float64) if shift is None else shift
-        return _shifted_float32_product(x, None, shift)
+        return _shifted_float32_product(x, None, _column_means(x) if shift is None else shift)
     return _symmetric_product(x.to(torch.float64))
 
 
