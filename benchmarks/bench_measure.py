@@ -20,8 +20,9 @@ Rows of the table:
 * (b) the Engine alone on the stores written in (a), with ``cka_minibatch(batch_size=b)`` — Nguyen,
   Raghu & Kornblith (2021): unbiased HSIC summed over the same consecutive batches simtorch uses.
 * (c) the in-memory ``measure.CKA(...).compute(loader)`` (exact ``cka``).
-* What-ifs, not in ``measure/`` (``--no-what-if`` skips them): (b*) is (b) with a row-sum NaN/Inf test
-  instead of ``check_finite``'s exhaustive one, (b†) is (b) with float32 Gram products.
+* (a32), (b32): (a) and (b) with ``precision="float32"`` (``--precision float32``): Gram products in
+  float32 on column-centred activations, offsets in float64; the note gives the largest difference
+  from the float64 rows.
 * A check, not timed: the mean of per-batch *biased* CKA computed by our kernels over the same
   batches, which must equal simtorch's matrix × L1 / n_batches (proves same models, data and batches).
 * Gram throughput: ``measure.statistics.layer_gram`` on the widest layer of a store against a plain
@@ -43,8 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,63 +152,13 @@ def open_stores(paths: list[Path]) -> list[Any]:
     return [open_store(p) for p in paths]
 
 
-def engine_matrix(paths: list[Path], measure: str, options: dict[str, Any], device: torch.device) -> np.ndarray:
+def engine_matrix(paths: list[Path], measure: str, options: dict[str, Any], device: torch.device,
+                  precision: str = "float64") -> np.ndarray:
     """Open the stores afresh and run one measure on the pair (0, 1) with the Engine (no statistics cache)."""
     from measure.engine import Engine
 
-    engine = Engine(open_stores(paths), device=device)
+    engine = Engine(open_stores(paths), device=device, precision=precision)
     return engine.run([(measure, options)], [(0, 1)])[0].matrix
-
-
-@contextmanager
-def rowsum_finite_check() -> Iterator[bool]:
-    """What-if: ``measure.statistics`` checks blocks with a row-sum test first (exact fallback when it fires).
-
-    A NaN or Inf in a row makes that row's float64 sum non-finite, so the test has no false negatives; a
-    row sum can overflow only for huge float64 inputs, and then the original exhaustive check decides.
-    Yields False (and patches nothing) when ``measure.statistics`` no longer calls ``check_finite``.
-    """
-    import measure.statistics as statistics
-
-    original = getattr(statistics, "check_finite", None)
-    if original is None:
-        yield False
-        return
-
-    def fast(x: torch.Tensor, what: str, offset: int = 0) -> None:
-        if not bool(torch.isfinite(x.reshape(len(x), -1).sum(dim=1)).all()):
-            original(x, what, offset)
-
-    statistics.check_finite = fast
-    try:
-        yield True
-    finally:
-        statistics.check_finite = original
-
-
-@contextmanager
-def float32_products() -> Iterator[bool]:
-    """What-if: ``measure.statistics`` forms each Gram with a float32 product (result stored in float64).
-
-    The stores hold float32 activations, so only the accumulation over features loses digits.
-    Yields False (and patches nothing) when ``measure.statistics`` no longer calls ``linear_gram``.
-    """
-    import measure.statistics as statistics
-
-    original = getattr(statistics, "linear_gram", None)
-    if original is None:
-        yield False
-        return
-
-    def gram32(x: torch.Tensor) -> torch.Tensor:
-        x32 = x.reshape(len(x), -1).to(torch.float32)
-        return (x32 @ x32.T).to(torch.float64)
-
-    statistics.linear_gram = gram32
-    try:
-        yield True
-    finally:
-        statistics.linear_gram = original
 
 
 def batch_mean_biased_cka(paths: list[Path], layers: list[str], batch_size: int, device: torch.device) -> np.ndarray:
@@ -226,57 +176,27 @@ def batch_mean_biased_cka(paths: list[Path], layers: list[str], batch_size: int,
     return (total / n_batches).cpu().numpy()
 
 
-def gram_throughput(path: Path, layer: str, device: torch.device) -> dict[str, float]:
-    """Seconds and GFLOP/s of ``layer_gram`` on a store vs ``torch.matmul`` of the same float64 (n, p) matrix."""
+def gram_throughput(path: Path, layer: str, device: torch.device, precision: str) -> dict[str, float]:
+    """Seconds and GFLOP/s of ``layer_gram`` on a store vs ``torch.matmul(X, X.T)`` of the same (n, p) matrix.
+
+    The matmul runs on the layer already in memory, in float64 or float32 as ``precision`` says;
+    ``layer_gram`` includes reading and decoding the store. GFLOP/s count 2·n²·p flops for both.
+    """
     from measure.statistics import layer_features, layer_gram
 
     store = open_stores([path])[0]
     n, p = store.n_samples, int(np.prod(store.layer_shape(layer)))
     flops = 2.0 * n * n * p
-    gram, t_ours = timed(lambda: layer_gram(store, layer, device), device)
-    t_ours = t_ours.wall
-    x = layer_features(store, layer, device)  # float64 (n, p), already on the device
+    gram, t_ours = timed(lambda: layer_gram(store, layer, device, precision=precision), device)
+    x = layer_features(store, layer, device).to(torch.float32 if precision == "float32" else torch.float64)
     ref, t_ref = timed(lambda: torch.matmul(x, x.T), device)
-    t_ref = t_ref.wall
-    assert torch.allclose(gram, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "layer_gram != X Xᵀ"
-    tri, t_tri = timed(lambda: upper_blocks_gram(x), device)
-    t_tri = t_tri.wall
-    assert torch.allclose(tri, ref, rtol=1e-10, atol=1e-8 * float(ref.abs().max())), "upper_blocks_gram != X Xᵀ"
-    return {"n": n, "p": p, "ours_s": t_ours, "ref_s": t_ref, "ours_gflops": flops / t_ours / 1e9,
-            "ref_gflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours, "tri_s": t_tri,
-            "tri_gflops": flops / t_tri / 1e9, **gram_breakdown(store, layer, device)}
-
-
-def upper_blocks_gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """X Xᵀ from the products on and above the diagonal of a ``blocks`` × ``blocks`` row-block grid.
-
-    Uses (blocks + 1) / (2 · blocks) of the flops of ``x @ x.T`` (torch does not call BLAS syrk for it).
-    """
-    n = len(x)
-    edges = [round(i * n / blocks) for i in range(blocks + 1)]
-    out = torch.empty((n, n), dtype=x.dtype, device=x.device)
-    for a0, a1 in zip(edges[:-1], edges[1:]):
-        strip = x[a0:a1] @ x[a0:].T
-        out[a0:a1, a0:] = strip
-        out[a1:, a0:a1] = strip[:, a1 - a0:].T
-    return out
-
-
-def gram_breakdown(store: Any, layer: str, device: torch.device) -> dict[str, float]:
-    """Seconds of the steps ``layer_gram`` takes besides the product, done one by one on the whole layer.
-
-    read (Zarr decode of every chunk), to_float64 (host → device and the float64 copy), check_finite
-    (``measure._checks.check_finite``, as ``iter_row_blocks`` calls it), and — for comparison — a row-sum
-    finiteness test ``isfinite(X.sum(1))``, which is exact for float64 sums of float32/float16 data.
-    """
-    from measure._checks import check_finite
-
-    array, t_read = timed(lambda: store.read_layer(layer), device)
-    x, t_conv = timed(lambda: torch.from_numpy(array).to(device).reshape(len(array), -1).to(torch.float64), device)
-    _, t_check = timed(lambda: check_finite(x, layer), device)
-    _, t_rowsum = timed(lambda: bool(torch.isfinite(x.sum(dim=1)).all()), device)
-    return {"read_s": t_read.wall, "to_float64_s": t_conv.wall, "check_finite_s": t_check.wall,
-            "rowsum_check_s": t_rowsum.wall}
+    exact = layer_features(store, layer, device)
+    exact = exact @ exact.T
+    scale = float(exact.abs().max())
+    return {"n": n, "p": p, "ours_s": t_ours.wall, "ref_s": t_ref.wall, "ours_gflops": flops / t_ours.wall / 1e9,
+            "ref_gflops": flops / t_ref.wall / 1e9, "ratio": t_ref.wall / t_ours.wall,
+            "ours_rel_err": float((gram - exact).abs().max()) / scale,
+            "ref_rel_err": float((ref.to(torch.float64) - exact).abs().max()) / scale}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -296,7 +216,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch requirement for the simtorch venv (default: this venv's version)")
     parser.add_argument("--skip-simtorch", action="store_true", help="only our rows (no venv needed)")
     parser.add_argument("--skip-inmemory", action="store_true", help="skip row (c)")
-    parser.add_argument("--no-what-if", action="store_true", help="skip the what-if rows (b*) and (b†)")
     parser.add_argument("--quick", action="store_true", help="n=512, batch 128, width 8: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models/stores here (default: temp, removed)")
@@ -417,21 +336,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         mb, t_mb = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device), device)
         rows.append(_row(f"(b) our measure from stores, `cka_minibatch(batch_size={b})`", t_mb, t_sim, mb[0, 0],
                          f"mean abs diff vs exact {np.abs(mb - exact).mean():.4f}"))
-        if not args.no_what_if:
-            with rowsum_finite_check() as patched:
-                if patched:
-                    log("(b*) what-if: (b) with a row-sum finiteness test ...")
-                    mb2, t_mb2 = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device),
-                                       device)
-                    rows.append(_row("(b*) what-if: (b) with a row-sum NaN/Inf test (not in measure/)", t_mb2, t_sim,
-                                     mb2[0, 0], f"max abs diff vs (b) {np.abs(mb2 - mb).max():.1e}"))
-            with float32_products() as patched:
-                if patched:
-                    log("(b†) what-if: (b) with float32 Gram products ...")
-                    mb3, t_mb3 = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device),
-                                       device)
-                    rows.append(_row("(b†) what-if: (b) with float32 Gram products (not in measure/)", t_mb3, t_sim,
-                                     mb3[0, 0], f"max abs diff vs (b) {np.abs(mb3 - mb).max():.1e}"))
+        log("(a32), (b32): the same with precision='float32' ...")
+        exact32, t_exact32 = timed(lambda: engine_matrix(paths, "cka", {}, device, "float32"), device)
+        rows.append(_row("(a32) = (a) with `--precision float32`", t_extract + t_exact32, t_sim, exact32[0, 0],
+                         f"measure {t_exact32.wall:.2f} s; max abs diff vs (a) {np.abs(exact32 - exact).max():.1e}"))
+        mb32, t_mb32 = timed(lambda: engine_matrix(paths, "cka_minibatch", {"batch_size": b}, device, "float32"),
+                             device)
+        rows.append(_row("(b32) = (b) with `--precision float32`", t_mb32, t_sim, mb32[0, 0],
+                         f"max abs diff vs (b) {np.abs(mb32 - mb).max():.1e}"))
+        results["float32_max_abs_diff"] = {"exact": float(np.abs(exact32 - exact).max()),
+                                           "minibatch": float(np.abs(mb32 - mb).max())}
         rows.append(_row("(a′) our extract + measure, `cka_minibatch` = extract of (a) + (b)", t_extract + t_mb,
                          t_sim, mb[0, 0], "same estimator and batches as (b)"))
         rows.append(_row("(b′) our measure from stores, exact `cka` = measure part of (a)", t_exact, t_sim,
@@ -463,17 +377,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
         widest = max(layers, key=lambda k: widths[k])
         log(f"Gram throughput on {widest} ...")
-        g = gram_throughput(paths[0], widest, device)
-        rows.append(_row(f"`layer_gram` on a store, {widest} ({g['n']}×{g['p']}, float64)", g["ours_s"], None, None,
-                         f"{g['ours_gflops']:.1f} GFLOP/s = {100 * g['ratio']:.0f} % of torch.matmul"))
-        rows.append(_row("`torch.matmul(X, X.T)`, same shape and dtype, in memory", g["ref_s"], None, None,
-                         f"{g['ref_gflops']:.1f} GFLOP/s"))
-        rows.append(_row("`X Xᵀ` from 4×4 upper row blocks (not in measure/), same shape", g["tri_s"], None, None,
-                         f"{g['tri_gflops']:.1f} effective GFLOP/s (10/16 of the flops)"))
-        rows.append(_row("… `layer_gram`'s other steps, timed one by one", None, None, None,
-                         f"Zarr read {g['read_s']:.2f} s, float64 copy {g['to_float64_s']:.2f} s; check_finite on "
-                         f"all of X (as `layer_gram_blocks` does per batch) {g['check_finite_s']:.2f} s, a row-sum "
-                         f"test {g['rowsum_check_s']:.2f} s"))
+        g = {}
+        for precision in ("float64", "float32"):
+            g[precision] = t = gram_throughput(paths[0], widest, device, precision)
+            rows.append(_row(f"`layer_gram` on a store, {widest} ({t['n']}×{t['p']}), precision {precision}",
+                             t["ours_s"], None, None,
+                             f"{t['ours_gflops']:.1f} GFLOP/s = {100 * t['ratio']:.0f} % of torch.matmul; "
+                             f"max error {t['ours_rel_err']:.1e} of max |K|"))
+            rows.append(_row(f"`torch.matmul(X, X.T)`, same shape, {precision}, in memory", t["ref_s"], None, None,
+                             f"{t['ref_gflops']:.1f} GFLOP/s; max error {t['ref_rel_err']:.1e} of max |K|"))
         flops_exact = 2 * 2.0 * n * n * sum(widths.values())
         flops_mb = 2 * 2.0 * (n // b) * b * b * sum(widths.values())
         results.update(exact_matrix=exact.tolist(), minibatch_matrix=mb.tolist(), batch_mean_matrix=check.tolist(),

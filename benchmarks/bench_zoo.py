@@ -86,7 +86,7 @@ def _child_zoo(job: dict) -> dict:
     paths = sorted(p for p in folder.glob("m*.zarr"))
     cache = StatisticsCache(job["cache"]) if job.get("cache") else None
     engine = Engine([ZarrStore(p) for p in paths], device=job["device"], cache=cache,
-                    memory_budget=job["budget"])
+                    memory_budget=job["zoo_budget"], precision=job.get("precision", "float64"))
     pairs = list(itertools.combinations_with_replacement(range(len(paths)), 2))
     results = engine.run([("cka", {})], pairs)
     if job["device"].startswith("cuda"):
@@ -191,7 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=1024, help="samples (default 1024)")
     parser.add_argument("--width", type=int, default=16, help="WideCNN width (act1: width × 1024 features)")
     parser.add_argument("--batch-size", type=int, default=256, help="simtorch 0.2.1's batch size")
-    parser.add_argument("--budget-mib", type=int, default=64, help="memory_budget of the Gram kernel (MiB)")
+    parser.add_argument("--budget-mib", type=int, default=64, help="memory_budget of the Gram kernel rows (MiB)")
+    parser.add_argument("--zoo-budget-mib", type=int, default=1024,
+                        help="memory_budget of the zoo runs (MiB; default 1024, as pipeline.py measure)")
+    parser.add_argument("--precisions", nargs="+", choices=["float64", "float32"], default=["float64", "float32"],
+                        help="Engine precision of the zoo runs (default: both)")
     parser.add_argument("--gram-sizes", nargs="+", default=["1024x8192", "1024x32768", "2048x32768"],
                         help="n x width of the synthetic Gram rows")
     parser.add_argument("--device", default="cpu")
@@ -232,27 +236,31 @@ def run(args: argparse.Namespace) -> str:
         torch.save(WideCNN(args.width).state_dict(), path)
         state_dicts.append(str(path))
     common = {"inputs": str(inputs), "state_dicts": state_dicts, "width": args.width, "device": args.device,
-              "threads": args.threads, "budget": args.budget_mib * MiB}
+              "threads": args.threads, "budget": args.budget_mib * MiB, "zoo_budget": args.zoo_budget_mib * MiB}
     base = run_child("baseline", {})
     lines = [f"n = {args.n} samples, WideCNN width {args.width} (5 layers, widest {args.width * 1024} features), "
-             f"{args.threads} threads, device {args.device}; child baseline (imports only) "
-             f"{base['peak_mib']:.0f} MiB RSS.", "",
+             f"{args.threads} threads, device {args.device}, memory budget {args.zoo_budget_mib} MiB; child "
+             f"baseline (imports only) {base['peak_mib']:.0f} MiB RSS.", "",
              "| run | seconds | peak MiB | notes |", "|---|---:|---:|---|"]
     simtorch_python = SIMTORCH_VENV / "bin" / "python"
     have_simtorch = simtorch_python.exists() and not args.no_simtorch
     summary: dict[int, dict[str, Any]] = {}
     for m in args.zoo_sizes:
-        folder, cache = work / f"zoo{m}", work / f"zoo{m}" / ".simtorch-cache.zarr"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        scratch = run_child("zoo", dict(common, folder=str(folder), cache=str(cache), extract=list(range(m))))
-        warm = run_child("zoo", dict(common, folder=str(folder), cache=str(cache), extract=[]))
-        lines.append(_row(f"M={m} scratch (extract + {scratch['pairs']} pairs)", scratch,
-                          f"extract {scratch['extract_seconds']:.2f} s + measure {scratch['measure_seconds']:.2f} s, "
-                          f"{scratch['statistics_computed']} Grams"))
-        lines.append(_row(f"M={m} warm cache", warm, f"{warm['statistics_computed']} Grams computed, "
-                                                     f"{warm['cache_hits']} reused"))
-        summary[m] = {"scratch": scratch, "warm": warm}
+        summary[m] = {}
+        for precision in args.precisions:
+            folder = work / f"zoo{m}_{precision}"
+            cache = folder / ".simtorch-cache.zarr"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            job = dict(common, folder=str(folder), cache=str(cache), precision=precision)
+            scratch = run_child("zoo", dict(job, extract=list(range(m))))
+            warm = run_child("zoo", dict(job, extract=[]))
+            lines.append(_row(f"M={m} scratch, {precision} (extract + {scratch['pairs']} pairs)", scratch,
+                              f"extract {scratch['extract_seconds']:.2f} s + measure "
+                              f"{scratch['measure_seconds']:.2f} s, {scratch['statistics_computed']} Grams"))
+            lines.append(_row(f"M={m} warm cache, {precision}", warm, f"{warm['statistics_computed']} Grams "
+                                                                     f"computed, {warm['cache_hits']} reused"))
+            summary[m][precision] = {"scratch": scratch, "warm": warm}
         if have_simtorch:
             sim = run_child("simtorch", dict(common, batch_size=args.batch_size, state_dicts=state_dicts[:m],
                                              max_pairs=args.simtorch_max_pairs),
@@ -260,18 +268,20 @@ def run(args: argparse.Namespace) -> str:
             how = (f"{sim['pairs']} pairs" if sim["measured_pairs"] == sim["pairs"] else
                    f"{sim['measured_pairs']} of {sim['pairs']} pairs timed ({sim['measured_seconds']:.1f} s), "
                    "scaled to all")
-            lines.append(_row(f"M={m} simtorch 0.2.1 ({how})", sim,
-                              f"batch {args.batch_size}; scratch is {sim['seconds'] / scratch['seconds']:.1f}× "
-                              "faster"))
+            faster = ", ".join(f"{p} scratch is {sim['seconds'] / summary[m][p]['scratch']['seconds']:.1f}×"
+                               for p in args.precisions)
+            lines.append(_row(f"M={m} simtorch 0.2.1 ({how})", sim, f"batch {args.batch_size}; {faster} faster"))
             summary[m]["simtorch"] = sim
         else:
             why = "--no-simtorch" if args.no_simtorch else f"no {SIMTORCH_VENV} (benchmarks/bench_measure.py makes it)"
             lines.append(_row(f"M={m} simtorch 0.2.1", None, f"not run: {why}"))
-    added = run_child("zoo", dict(common, folder=str(work / f"zoo{m_max}"),
-                                  cache=str(work / f"zoo{m_max}" / ".simtorch-cache.zarr"), extract=[m_max]))
-    ratio = added["seconds"] / summary[m_max]["scratch"]["seconds"]
-    lines.append(_row(f"+1 model to M={m_max} (warm, {added['pairs']} pairs)", added,
-                      f"{added['statistics_computed']} Grams computed; {ratio:.2f} of the M={m_max} scratch run"))
+    for precision in args.precisions:
+        folder = work / f"zoo{m_max}_{precision}"
+        added = run_child("zoo", dict(common, folder=str(folder), cache=str(folder / ".simtorch-cache.zarr"),
+                                      precision=precision, extract=[m_max]))
+        ratio = added["seconds"] / summary[m_max][precision]["scratch"]["seconds"]
+        lines.append(_row(f"+1 model to M={m_max}, {precision} (warm, {added['pairs']} pairs)", added,
+                          f"{added['statistics_computed']} Grams computed; {ratio:.2f} of the M={m_max} scratch run"))
     lines += ["", f"Gram kernel, memory_budget = {args.budget_mib} MiB (float32 store, float64 Gram):", "",
               "| n × width | X float64 MiB | layer_gram s | GFLOP/s | peak MiB | torch.matmul s | GFLOP/s | peak MiB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]

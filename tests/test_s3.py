@@ -146,11 +146,13 @@ def test_cli_server_stopped_mid_measure_then_rerun_completes(zoos, s3, tmp_path,
 
     cache = StatisticsCache(f"s3://{BUCKET}/zoo/.simtorch-cache.zarr")
     kept = sum(1 for a in cache.entries().values() if a.get("complete"))
-    assert kept == 2  # the two Grams finished before the failure were kept in the remote cache
+    # the Grams finished before the failure were kept in the remote cache: the first, and the second unless
+    # the next layer's read-ahead stopped the server before the second was written
+    assert kept in (1, 2)
 
     assert main([a for a in args if a != "--quiet"]) == 0  # the rerun completes, reusing what was cached
     printed = capsys.readouterr().out
-    assert "statistics: 4 computed, 2 reused" in printed
+    assert f"statistics: {6 - kept} computed, {kept} reused" in printed
 
     import fsspec
 
