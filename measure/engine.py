@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -196,13 +197,18 @@ class Engine:
             else:
                 missing.append(key)
         jobs = [(self.stores[s], layer) for s, layer in missing]
-        for (s, layer), gram in zip(missing, layer_grams(jobs, self.device, self.memory_budget, self.precision)):
-            self.statistics_computed += 1
-            if self.cache is not None:
-                self.cache.put(self.stores[s], layer, gram.detach().to("cpu", torch.float64).numpy(), "gram",
-                               self.gram_options)
-            self._grams[(s, layer)] = gram
-            self._progress(f"gram {self.stores[s].name}/{layer}")
+        with ThreadPoolExecutor(max_workers=1) as writer:  # cache writes overlap the next Gram's product
+            written = []
+            for (s, layer), gram in zip(missing, layer_grams(jobs, self.device, self.memory_budget, self.precision)):
+                self.statistics_computed += 1
+                if self.cache is not None:
+                    written.append(writer.submit(self.cache.put, self.stores[s], layer,
+                                                 gram.detach().to("cpu", torch.float64).numpy(), "gram",
+                                                 self.gram_options))
+                self._grams[(s, layer)] = gram
+                self._progress(f"gram {self.stores[s].name}/{layer}")
+            for future in written:
+                future.result()  # a failed write stops the run here, as it would have inline
 
     @property
     def gram_options(self) -> dict[str, Any] | None:
