@@ -193,7 +193,8 @@ def test_a_failed_write_surfaces_on_the_main_thread_and_stops_early(tmp_path):
             calls.append(start)
             raise OSError(28, "No space left on device")
 
-    writer = ChunkWriter(Broken(), chunk_samples=2, start=0, on_chunk_written=lambda stop, i: None)
+    writer = ChunkWriter(Broken(), chunk_samples=2, start=0, on_chunk_written=lambda stop, i: None,
+                         write_bytes=1)  # one chunk per write
     with pytest.raises(OSError, match="No space left"):
         for _ in range(50):
             writer.add({"a": np.zeros((2, 3), np.float32)})
@@ -235,6 +236,7 @@ def test_a_full_disk_is_one_clear_error_and_the_store_stays_resumable(tmp_path, 
         original(self, key, start, block)
 
     monkeypatch.setattr(store_module.ZarrStore, "write", write)
+    monkeypatch.setattr("extract.writer.WRITE_BYTES", 1)  # one chunk per write, as on a store of wide layers
     path = tmp_path / "m.zarr"
     kwargs = dict(layers=["conv2", "fc1"], batch_size=4, chunk_bytes=10 * 2048, progress=False)
     with pytest.raises(StoreError, match=r"Writing the store at .*m.zarr failed \(No space left on device\); "

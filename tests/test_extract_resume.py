@@ -2,8 +2,9 @@
 
 The child runs ``extract`` on ``KillAfter`` (which SIGKILLs its own process at the start of a given
 forward pass) or with ``ZarrStore.write`` / ``write_info`` patched to SIGKILL after a given number of
-calls — so the kill lands before any chunk is durable, between the arrays of one chunk, in the final
-partial chunk, and between the last chunk and the completion marker.
+calls — so the kill lands before any chunk is durable, between the arrays of one chunk (one chunk per
+write) or of a group of chunks (the default grouping), in the final partial chunk, and between the last
+chunk and the completion marker.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ mode, k, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 n, batch, chunk_bytes, layers = {N}, {BATCH}, {CHUNK_BYTES}, {LAYERS!r}
 model = KillAfter(k if mode == "forward" else -1)
 calls = [0]
-if mode == "write":
+if mode != "write_grouped":  # one chunk per write call: the store is tiny, kills must land between its chunks
+    import extract.writer as wr
+    wr.WRITE_BYTES = 1
+if mode in ("write", "write_grouped"):
     original = st.ZarrStore.write
     def write(self, key, start, block):
         calls[0] += 1
@@ -108,6 +112,7 @@ KILL_POINTS = {
     "last batch": ("forward", 8),
     "between the arrays of chunk 2": ("write", 2 * ARRAYS_PER_CHUNK + 3),
     "inside the final partial chunk": ("write", 12 * ARRAYS_PER_CHUNK + 2),
+    "between the arrays of a group of chunks (the default writes)": ("write_grouped", 3),
     "after the last chunk, before the completion marker": ("before_complete", 0),
 }
 

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-SYMMETRIC_BLOCK_ROWS = 512
+SYMMETRIC_BLOCK_ROWS = 256  # 128 when n ≤ 512; measured fastest on a 2-core AVX-512 CPU (float32 and float64)
 FLOAT32_FEATURE_BLOCK = 4096
 PRECISIONS = ("float64", "float32")
 
@@ -29,17 +29,18 @@ PRECISIONS = ("float64", "float32")
 def _symmetric_product(x: torch.Tensor) -> torch.Tensor:
     """X Xᵀ in the dtype of X from the upper row blocks only.
 
-    K is symmetric, which a plain matmul does not exploit: for n > 512 the rows
-    are cut in blocks of 512 and only the blocks K[a, b] with a ≤ b are
-    multiplied (about half the flops for large n), the others are their
-    transposes. The result is exactly symmetric.
+    K is symmetric, which a plain matmul does not exploit: for n > 128 the rows
+    are cut in blocks of 256 (128 when n ≤ 512) and only the blocks K[a, b] with
+    a ≤ b are multiplied (about half the flops for large n), the others are
+    their transposes. The result is exactly symmetric.
     """
     n = len(x)
-    if n <= SYMMETRIC_BLOCK_ROWS:
+    rows = SYMMETRIC_BLOCK_ROWS if n > 2 * SYMMETRIC_BLOCK_ROWS else SYMMETRIC_BLOCK_ROWS // 2
+    if n <= rows:
         return x @ x.T
     gram = torch.empty((n, n), dtype=x.dtype, device=x.device)
-    for a0 in range(0, n, SYMMETRIC_BLOCK_ROWS):
-        a1 = min(n, a0 + SYMMETRIC_BLOCK_ROWS)
+    for a0 in range(0, n, rows):
+        a1 = min(n, a0 + rows)
         upper = x[a0:a1] @ x[a0:].T  # K[a, b] for every b ≥ a, in one product
         diagonal = upper[:, : a1 - a0]
         gram[a0:a1, a0:a1] = torch.triu(diagonal) + torch.triu(diagonal, 1).T
