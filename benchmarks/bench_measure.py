@@ -37,6 +37,7 @@ conv outputs (9 layers instead of 5): simtorch's Gram work grows as L1·L2, ours
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -361,6 +362,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             if np.abs(mem - exact).max() > 1e-8:
                 raise BenchError(f"(c) and (a) disagree by {np.abs(mem - exact).max():.2e}: a bug in measure/.")
             results["inmemory_matrix"] = mem.tolist()
+
+        log("floor: the same exact cka with both models run in float64 (not timed) ...")
+        loader64 = DataLoader(TensorDataset(inputs.double()), batch_size=b, shuffle=False)
+        sims64 = [SimilarityModel(copy.deepcopy(m).double(), f"model{i}", list(layers)) for i, m in enumerate(models)]
+        exact64 = CKA(sims64[0], sims64[1], device=device).compute(loader64)
+        floor = float(np.abs(exact64 - exact).max())
+        results["float64_forward_max_abs_diff"] = floor
+        rows.append(_row("floor (not timed): exact `cka` of the models run in float64 instead of float32", None, None,
+                         exact64[0, 0], f"max abs diff vs (a) {floor:.1e}: the float32 forward's own round-off, "
+                                        f"against {results['float32_max_abs_diff']['exact']:.1e} for (a32)"))
 
         log("check: our mean of per-batch biased CKA (not timed) ...")
         check = batch_mean_biased_cka(paths, layers, b, device)
