@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -99,6 +100,7 @@ class StatisticsCache:
         self.hits = 0
         self.misses = 0
         self.writes = 0
+        self._count_lock = threading.Lock()  # the engine reads entries on several threads
         self._group = None
         self._writable = False
         self._evicted: set[str] = set()
@@ -179,10 +181,11 @@ class StatisticsCache:
                     data = None
                 if data is not None and hashlib.sha256(data.tobytes()).hexdigest() == attrs.get("sha256"):
                     value = data
-        if value is None:
-            self.misses += 1
-        else:
-            self.hits += 1
+        with self._count_lock:
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
         return value
 
     def put(self, store: ActivationStore, layer: str | None, value: np.ndarray, kind: str = "gram",
@@ -214,7 +217,8 @@ class StatisticsCache:
                           "Name a writable folder with --cache, or pass --no-cache.", stacklevel=2)
             self.read_only = True
             return False
-        self.writes += 1
+        with self._count_lock:
+            self.writes += 1
         return True
 
     # ------------------------------------------------------------------ housekeeping

@@ -187,11 +187,14 @@ class Engine:
         Cached Grams are loaded; the others are computed by ``layer_grams``, which reads the next
         layer while the current one is multiplied.
         """
+        wanted = [key for key in dict.fromkeys(keys) if key not in self._grams]
+        hits = [None] * len(wanted)
+        if self.cache is not None and wanted:
+            with ThreadPoolExecutor(max_workers=4) as pool:  # Zarr reads and digests release the GIL
+                hits = list(pool.map(lambda key: self.cache.get(self.stores[key[0]], key[1], "gram",
+                                                                self.gram_options), wanted))
         missing = []
-        for key in dict.fromkeys(keys):
-            if key in self._grams:
-                continue
-            hit = self.cache.get(self.stores[key[0]], key[1], "gram", self.gram_options) if self.cache else None
+        for key, hit in zip(wanted, hits):
             if hit is not None:
                 self._grams[key] = torch.from_numpy(hit).to(self.device)
             else:
