@@ -41,8 +41,8 @@ def main(job_path: str) -> None:
         for k in (i, j):
             model = WideCNN(job["width"])
             model.load_state_dict(torch.load(job["state_dicts"][k]))
-            sims.append(SimilarityModel(model, model_name=f"model{k}", layers_to_include=list(LAYERS),
-                                        device=device))
+            layers = list(job.get("layers", LAYERS))
+            sims.append(SimilarityModel(model, model_name=f"model{k}", layers_to_include=layers, device=device))
         cka = CKA(sims[0], sims[1], device=device)
         started, cpu_started = time.perf_counter(), time.process_time()
         cka.compute(loader)

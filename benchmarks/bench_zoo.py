@@ -80,8 +80,8 @@ def _child_zoo(job: dict) -> dict:
         models.append((k, model))
     started = time.perf_counter()
     for k, model in models:
-        extract(model, inputs, folder / f"m{k}.zarr", name=f"m{k}", layers=list(LAYERS), batch_size=256,
-                device=job["device"], progress=False)
+        extract(model, inputs, folder / f"m{k}.zarr", name=f"m{k}", layers=list(job.get("layers", LAYERS)),
+                batch_size=256, device=job["device"], progress=False)
     extracted = time.perf_counter()
     paths = sorted(p for p in folder.glob("m*.zarr"))
     cache = StatisticsCache(job["cache"]) if job.get("cache") else None
@@ -194,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-mib", type=int, default=64, help="memory_budget of the Gram kernel rows (MiB)")
     parser.add_argument("--zoo-budget-mib", type=int, default=1024,
                         help="memory_budget of the zoo runs (MiB; default 1024, as pipeline.py measure)")
+    parser.add_argument("--layer-set", choices=["act", "all"], default="act",
+                        help="act: act1-4 and fc (5 layers, default); all: also conv1-4 (9 layers)")
     parser.add_argument("--precisions", nargs="+", choices=["float64", "float32"], default=["float64", "float32"],
                         help="Engine precision of the zoo runs (default: both)")
     parser.add_argument("--gram-sizes", nargs="+", default=["1024x8192", "1024x32768", "2048x32768"],
@@ -220,7 +222,7 @@ def _row(label: str, r: dict | None, note: str = "") -> str:
 
 def run(args: argparse.Namespace) -> str:
     import torch
-    from bench_measure_models import WideCNN, make_inputs
+    from bench_measure_models import LAYER_SETS, WideCNN, make_inputs
 
     if args.quick:
         args.zoo_sizes, args.n, args.gram_sizes = [2, 3], 256, ["256x4096", "256x16384"]
@@ -236,9 +238,11 @@ def run(args: argparse.Namespace) -> str:
         torch.save(WideCNN(args.width).state_dict(), path)
         state_dicts.append(str(path))
     common = {"inputs": str(inputs), "state_dicts": state_dicts, "width": args.width, "device": args.device,
-              "threads": args.threads, "budget": args.budget_mib * MiB, "zoo_budget": args.zoo_budget_mib * MiB}
+              "threads": args.threads, "budget": args.budget_mib * MiB, "zoo_budget": args.zoo_budget_mib * MiB,
+              "layers": LAYER_SETS[args.layer_set]}
     base = run_child("baseline", {})
-    lines = [f"n = {args.n} samples, WideCNN width {args.width} (5 layers, widest {args.width * 1024} features), "
+    lines = [f"n = {args.n} samples, WideCNN width {args.width} ({len(common['layers'])} layers, widest "
+             f"{args.width * 1024} features), "
              f"{args.threads} threads, device {args.device}, memory budget {args.zoo_budget_mib} MiB; child "
              f"baseline (imports only) {base['peak_mib']:.0f} MiB RSS.", "",
              "| run | seconds | peak MiB | notes |", "|---|---:|---:|---|"]
