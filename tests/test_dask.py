@@ -64,6 +64,22 @@ def test_threaded_scheduler_equals_local(zoo):
     assert engine.statistics_computed == 6  # the pairs used the task results, computed nothing more
 
 
+
+def test_threaded_scheduler_passes_the_precision_and_its_cache_key(zoo, tmp_path):
+    """float32 Gram tasks equal the engine's own float32 Grams and land in the cache under the float32 key."""
+    from measure.cache import StatisticsCache
+
+    paths, _ = zoo
+    cache = StatisticsCache(tmp_path / "cache.zarr")
+    engine = Engine([ZarrStore(p) for p in paths], device="cpu", precision="float32", cache=cache)
+    assert compute_grams(engine, MEASURES, scheduler="threads") == 6
+    own = Engine([ZarrStore(p) for p in paths], device="cpu", precision="float32")
+    for s, layers in enumerate(engine.layers):
+        for layer in layers:
+            assert torch.equal(engine.gram(s, layer), own.gram(s, layer))
+            assert cache.get(engine.stores[s], layer, "gram", {"precision": "float32"}) is not None
+            assert cache.get(engine.stores[s], layer, "gram") is None  # not filed as a float64 Gram
+
 @pytest.mark.slow
 def test_local_cluster_of_two_processes_equals_local(zoo, tmp_path):
     paths, local = zoo
