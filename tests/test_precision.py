@@ -55,6 +55,18 @@ def test_float32_gram_matches_float64_numpy(n, p):
     assert np.abs(plain - k_ref).max() > 1e-6 * scale
 
 
+def test_float32_scheme_ignores_a_tf32_setting_and_restores_it():
+    x = torch.from_numpy(_relu_like(np.random.default_rng(2), 80, 600))
+    reference = linear_gram(x, "float32")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert torch.equal(linear_gram(x, "float32"), reference)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_float32_blocks_assemble_the_gram_with_any_shift():
     rng = np.random.default_rng(1)
     x = torch.from_numpy(_relu_like(rng, 90, 5000))
@@ -101,6 +113,16 @@ def test_engine_float32_matches_float64(pair_stores, budget):
     kwargs = {"memory_budget": budget} if budget else {}
     exact = Engine(list(pair_stores), device="cpu", **kwargs).run(FLOAT32_MEASURES, [(0, 1)])
     fast = Engine(list(pair_stores), device="cpu", precision="float32", **kwargs).run(FLOAT32_MEASURES, [(0, 1)])
+    for e, f in zip(exact, fast):
+        np.testing.assert_allclose(f.matrix, e.matrix, atol=1e-7, rtol=0, err_msg=e.measure)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float32_matches_cpu_float64(pair_stores):
+    """The float32 scheme on a GPU (TF32 off, as torch's default for matmul) agrees with CPU float64."""
+    exact = Engine(list(pair_stores), device="cpu").run(FLOAT32_MEASURES, [(0, 1)])
+    fast = Engine(list(pair_stores), device="cuda", precision="float32", memory_budget=4000).run(FLOAT32_MEASURES,
+                                                                                                 [(0, 1)])
     for e, f in zip(exact, fast):
         np.testing.assert_allclose(f.matrix, e.matrix, atol=1e-7, rtol=0, err_msg=e.measure)
 

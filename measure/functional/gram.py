@@ -7,6 +7,9 @@ column means in O(n²).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 __all__ = [
@@ -54,6 +57,21 @@ def _float64_matvec(x: torch.Tensor, v: torch.Tensor, rows: int = 128) -> torch.
     return torch.cat([x[i:i + rows].to(torch.float64) @ v for i in range(0, len(x), rows)])
 
 
+@contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """Full float32 products while inside: TF32 / bfloat16 shortcuts (``torch.set_float32_matmul_precision``
+    "high" or "medium", set for training) would cost the float32 scheme its accuracy, so they are off here."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
     """X_a X_bᵀ (X_b = X_a when ``xb`` is None) in float64, from float32 products of shifted rows.
 
@@ -85,16 +103,17 @@ def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: t
             return block - c
         return (block.to(torch.float64) - c.to(torch.float64)).to(torch.float32)
 
-    for a in range(0, xa.shape[1], FLOAT32_FEATURE_BLOCK):
-        c = shift64[a:a + FLOAT32_FEATURE_BLOCK]
-        block_a = shifted(xa, a)
-        ra += _float64_matvec(block_a, c)
-        if same:
-            gram += _symmetric_product(block_a)
-        else:
-            block_b = shifted(xb, a)
-            rb += _float64_matvec(block_b, c)
-            gram += block_a @ block_b.T
+    with _ieee_float32_matmul():
+        for a in range(0, xa.shape[1], FLOAT32_FEATURE_BLOCK):
+            c = shift64[a:a + FLOAT32_FEATURE_BLOCK]
+            block_a = shifted(xa, a)
+            ra += _float64_matvec(block_a, c)
+            if same:
+                gram += _symmetric_product(block_a)
+            else:
+                block_b = shifted(xb, a)
+                rb += _float64_matvec(block_b, c)
+                gram += block_a @ block_b.T
     gram.add_(ra[:, None]).add_(rb[None, :]).add_(shift64 @ shift64)
     return (gram + gram.T) / 2 if same else gram  # the offsets' rounding order breaks exact symmetry
 
