@@ -132,7 +132,7 @@ def _check_gram_diagonal(gram: torch.Tensor, rows: Callable[[], Iterator[tuple[i
         check_finite(block, what, offset)
     if precision == "float32":
         raise MeasureError(
-            f"The Gram of {what} overflows in float32 products (activations beyond ~1e19 in magnitude); "
+            f"The Gram of {what} overflows in float32 products (activations beyond ~1e17 in magnitude); "
             "measure with precision='float64' (--precision float64)."
         )
     raise MeasureError(f"The Gram of {what} overflows float64 (activations beyond ~1e154 in magnitude); "
@@ -208,9 +208,9 @@ def layer_grams(jobs: Sequence[tuple[ActivationStore, str]], device: torch.devic
     """
     dtype = _dtype(precision)
 
-    def size(k: int) -> int:
+    def size(k: int) -> int:  # float64 bytes: in float32 the layer and its shifted copy
         store, layer = jobs[k]
-        return store.n_samples * _features_bytes(store, layer) * dtype.itemsize // 8
+        return store.n_samples * _features_bytes(store, layer)
 
     def read(k: int) -> torch.Tensor:
         store, layer = jobs[k]

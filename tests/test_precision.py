@@ -67,6 +67,33 @@ def test_float32_scheme_ignores_a_tf32_setting_and_restores_it():
         torch.set_float32_matmul_precision(previous)
 
 
+def test_matmul_precision_is_restored_by_the_last_of_overlapping_users():
+    """Threads share the process-wide setting: the first to leave must not restore it under the other."""
+    from measure.functional.gram import _ieee_float32_matmul
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        first, second = _ieee_float32_matmul(), _ieee_float32_matmul()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # as a thread that finishes first
+        assert torch.get_float32_matmul_precision() == "highest"
+        second.__exit__(None, None, None)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_float16_input_to_the_float32_scheme():
+    x = torch.from_numpy(_relu_like(np.random.default_rng(5), 4000, 50)).half()  # a float16 column sum overflows
+    k32 = linear_gram(x, "float32")
+    ref = x.double() @ x.double().T
+    xc = x.double() - x.double().mean(dim=0)
+    assert bool(torch.isfinite(k32).all())
+    assert float((k32 - ref).abs().max()) <= 1e-6 * float((xc @ xc.T).abs().max())
+
+
 def test_float32_blocks_assemble_the_gram_with_any_shift():
     rng = np.random.default_rng(1)
     x = torch.from_numpy(_relu_like(rng, 90, 5000))

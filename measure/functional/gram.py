@@ -7,6 +7,7 @@ column means in O(n²).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,31 +25,59 @@ __all__ = [
 ]
 
 
-SYMMETRIC_BLOCK_ROWS = 256  # 128 when n ≤ 512; measured fastest on a 2-core AVX-512 CPU (float32 and float64)
+SYMMETRIC_BLOCK_ROWS = 256  # see _row_blocks
 FLOAT32_FEATURE_BLOCK = 4096
 PRECISIONS = ("float64", "float32")
 
 
-def _symmetric_product(x: torch.Tensor) -> torch.Tensor:
+def _row_blocks(n: int) -> int:
+    """Rows per block of the symmetric product: 256, or 128 when n ≤ 512 (measured fastest here)."""
+    return SYMMETRIC_BLOCK_ROWS if n > 2 * SYMMETRIC_BLOCK_ROWS else SYMMETRIC_BLOCK_ROWS // 2
+
+
+def _symmetric_product(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """X Xᵀ in the dtype of X from the upper row blocks only.
 
     K is symmetric, which a plain matmul does not exploit: for n > 128 the rows
     are cut in blocks of 256 (128 when n ≤ 512) and only the blocks K[a, b] with
     a ≤ b are multiplied (about half the flops for large n), the others are
     their transposes. The result is exactly symmetric.
+
+    With ``out`` (the float64 sum of the float32 scheme) the diagonal and upper
+    blocks are added into ``out`` and the lower ones left alone: the caller
+    mirrors them once at the end (``_mirror_upper``), so no second n × n matrix
+    is held and the strided transposed writes happen once, not per call.
     """
     n = len(x)
-    rows = SYMMETRIC_BLOCK_ROWS if n > 2 * SYMMETRIC_BLOCK_ROWS else SYMMETRIC_BLOCK_ROWS // 2
+    rows = _row_blocks(n)
     if n <= rows:
-        return x @ x.T
-    gram = torch.empty((n, n), dtype=x.dtype, device=x.device)
+        return x @ x.T if out is None else out.add_(x @ x.T)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty((n, n), dtype=x.dtype, device=x.device)
     for a0 in range(0, n, rows):
         a1 = min(n, a0 + rows)
         upper = x[a0:a1] @ x[a0:].T  # K[a, b] for every b ≥ a, in one product
         diagonal = upper[:, : a1 - a0]
-        gram[a0:a1, a0:a1] = torch.triu(diagonal) + torch.triu(diagonal, 1).T
-        gram[a0:a1, a1:] = upper[:, a1 - a0:]
-        gram[a1:, a0:a1] = upper[:, a1 - a0:].T
+        diagonal = torch.triu(diagonal) + torch.triu(diagonal, 1).T
+        if accumulate:
+            out[a0:a1, a0:a1] += diagonal
+            out[a0:a1, a1:] += upper[:, a1 - a0:]
+        else:
+            out[a0:a1, a0:a1] = diagonal
+            out[a0:a1, a1:] = upper[:, a1 - a0:]
+            out[a1:, a0:a1] = upper[:, a1 - a0:].T
+    return out
+
+
+def _mirror_upper(gram: torch.Tensor) -> torch.Tensor:
+    """Copy the upper blocks that ``_symmetric_product(x, out=gram)`` filled onto the lower ones."""
+    n = len(gram)
+    rows = _row_blocks(n)
+    if n > rows:
+        for a0 in range(0, n, rows):
+            a1 = min(n, a0 + rows)
+            gram[a1:, a0:a1] = gram[a0:a1, a1:].T
     return gram
 
 
@@ -57,19 +86,32 @@ def _float64_matvec(x: torch.Tensor, v: torch.Tensor, rows: int = 128) -> torch.
     return torch.cat([x[i:i + rows].to(torch.float64) @ v for i in range(0, len(x), rows)])
 
 
+_matmul_precision_lock = threading.Lock()
+_matmul_precision_state = {"depth": 0, "saved": "highest"}
+
+
 @contextmanager
 def _ieee_float32_matmul() -> Iterator[None]:
     """Full float32 products while inside: TF32 / bfloat16 shortcuts (``torch.set_float32_matmul_precision``
-    "high" or "medium", set for training) would cost the float32 scheme its accuracy, so they are off here."""
-    previous = torch.get_float32_matmul_precision()
-    if previous == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
+    "high" or "medium", set for training) would cost the float32 scheme its accuracy, so they are off here.
+
+    The setting is process-wide, so threads share one count: the first in saves and raises it, the last
+    out restores it (Gram tasks run on several threads under dask's threaded scheduler).
+    """
+    with _matmul_precision_lock:
+        state = _matmul_precision_state
+        if state["depth"] == 0:
+            state["saved"] = torch.get_float32_matmul_precision()
+            if state["saved"] != "highest":
+                torch.set_float32_matmul_precision("highest")
+        state["depth"] += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        with _matmul_precision_lock:
+            state["depth"] -= 1
+            if state["depth"] == 0 and state["saved"] != "highest":
+                torch.set_float32_matmul_precision(state["saved"])
 
 
 def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
@@ -109,13 +151,20 @@ def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: t
             block_a = shifted(xa, a)
             ra += _float64_matvec(block_a, c)
             if same:
-                gram += _symmetric_product(block_a)
+                _symmetric_product(block_a, out=gram)
             else:
                 block_b = shifted(xb, a)
                 rb += _float64_matvec(block_b, c)
                 gram += block_a @ block_b.T
-    gram.add_(ra[:, None]).add_(rb[None, :]).add_(shift64 @ shift64)
-    return (gram + gram.T) / 2 if same else gram  # the offsets' rounding order breaks exact symmetry
+    if same:
+        _mirror_upper(gram)
+    constant = shift64 @ shift64
+    for i in range(0, len(gram), SYMMETRIC_BLOCK_ROWS):  # in place, by row blocks: no second n × n matrix
+        rows = gram[i:i + SYMMETRIC_BLOCK_ROWS]
+        rows.add_(ra[i:i + SYMMETRIC_BLOCK_ROWS, None] + rb[None, :]).add_(constant)
+    if same and len(gram) <= SYMMETRIC_BLOCK_ROWS // 2:  # a plain product (small n) is not exactly symmetric
+        gram = (gram + gram.T) / 2
+    return gram  # otherwise exactly symmetric: r_i + r_j = r_j + r_i, and the block products are
 
 
 def cross_gram(xa: torch.Tensor, xb: torch.Tensor, precision: str = "float64",
@@ -133,8 +182,12 @@ def cross_gram(xa: torch.Tensor, xb: torch.Tensor, precision: str = "float64",
 
 
 def _column_means(x: torch.Tensor) -> torch.Tensor:
-    """Column means, in one matrix-vector product (any shift keeps the identity exact; means keep it small)."""
-    return torch.ones(len(x), dtype=x.dtype, device=x.device) @ x / len(x)
+    """Column means, in one matrix-vector product (any shift keeps the identity exact; means keep it small).
+
+    Summed in float32 at least (a float16 sum of many rows overflows).
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.ones(len(x), dtype=dtype, device=x.device) @ x.to(dtype) / len(x)
 
 
 def _check_precision(precision: str) -> None:
