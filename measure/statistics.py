@@ -22,7 +22,7 @@ from extract.store import ActivationStore
 
 from ._checks import MeasureError, check_finite
 from .accumulators.cka import LinearCKAMatrix
-from .functional.gram import cross_gram, linear_gram
+from .functional.gram import column_means, cross_gram, linear_gram
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -42,6 +42,10 @@ def _chunk_rows(store: ActivationStore, layer: str | None) -> int:
     return max(1, min(chunk, store.n_samples))
 
 
+def _what(store: ActivationStore, layer: str | None) -> str:
+    return f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
+
+
 def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop: int, rows: int,
                     device: torch.device, *, check: bool = True,
                     dtype: torch.dtype = torch.float64) -> Iterator[tuple[int, torch.Tensor]]:
@@ -50,7 +54,7 @@ def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop:
     ``layer=None`` reads the stored inputs. ``check=False`` skips the per-block NaN/Inf check
     (``layer_gram`` checks the Gram's diagonal instead, which is cheaper and equivalent).
     """
-    what = f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
+    what = _what(store, layer)
 
     def read(a: int) -> np.ndarray:
         b = min(stop, a + rows)
@@ -92,9 +96,13 @@ def _gather(store: ActivationStore, layer: str | None, start: int, stop: int, ch
     return out
 
 
-def layer_features(store: ActivationStore, layer: str | None, device: torch.device) -> torch.Tensor:
-    """The whole (n_samples, n_features) float64 matrix of ``layer`` (or of the inputs, layer=None)."""
-    return _gather(store, layer, 0, store.n_samples, _chunk_rows(store, layer), device)
+def layer_features(store: ActivationStore, layer: str | None, device: torch.device, *,
+                   dtype: torch.dtype = torch.float64, check: bool = True) -> torch.Tensor:
+    """The whole (n_samples, n_features) matrix of ``layer`` (or of the inputs, layer=None), in ``dtype``.
+
+    ``check=False`` skips the per-block NaN/Inf check (for callers that check the Gram instead).
+    """
+    return _gather(store, layer, 0, store.n_samples, _chunk_rows(store, layer), device, check=check, dtype=dtype)
 
 
 def gram_block_rows(n: int, chunk: int, per_row: int, memory_budget: int) -> tuple[int, int]:
@@ -111,10 +119,6 @@ def gram_block_rows(n: int, chunk: int, per_row: int, memory_budget: int) -> tup
     b_rows = max(chunk, (memory_budget // 6) // per_row // chunk * chunk)
     a_rows = max(chunk, (memory_budget - overhead - 2 * b_rows * per_row) // per_row // chunk * chunk)
     return a_rows, b_rows
-
-
-def _what(store: ActivationStore, layer: str | None) -> str:
-    return f"layer {layer!r} of {store}" if layer is not None else f"the inputs of {store}"
 
 
 def _check_gram_diagonal(gram: torch.Tensor, rows: Callable[[], Iterator[tuple[int, torch.Tensor]]],
@@ -169,7 +173,7 @@ def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
 
     if a_rows >= n:
         if features is None:
-            features = _gather(store, layer, 0, n, chunk, device, check=False, dtype=dtype)
+            features = layer_features(store, layer, device, dtype=dtype, check=False)
         gram = linear_gram(features, precision)
         del features
         _check_gram_diagonal(gram, rescan, what, precision)
@@ -180,7 +184,7 @@ def layer_gram(store: ActivationStore, layer: str | None, device: torch.device,
         a1 = min(n, a0 + a_rows)
         xa = _gather(store, layer, a0, a1, chunk, device, check=False, dtype=dtype)
         if shift is None and precision == "float32":
-            shift = xa.mean(dim=0)
+            shift = column_means(xa)
         gram[a0:a1, a0:a1] = linear_gram(xa, precision, shift)
         for b0, xb in iter_row_blocks(store, layer, a1, n, b_rows, device, check=False, dtype=dtype):
             b1 = b0 + len(xb)
@@ -213,9 +217,7 @@ def layer_grams(jobs: Sequence[tuple[ActivationStore, str]], device: torch.devic
         return store.n_samples * _features_bytes(store, layer)
 
     def read(k: int) -> torch.Tensor:
-        store, layer = jobs[k]
-        n = store.n_samples
-        return _gather(store, layer, 0, n, _chunk_rows(store, layer), device, check=False, dtype=dtype)
+        return layer_features(*jobs[k], device, dtype=dtype, check=False)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead: tuple[int, Any] | None = None

@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "PRECISIONS",
     "center_gram",
+    "column_means",
     "cross_gram",
     "linear_gram",
     "median",
@@ -177,11 +178,11 @@ def cross_gram(xa: torch.Tensor, xb: torch.Tensor, precision: str = "float64",
     _check_precision(precision)
     xa, xb = xa.reshape(len(xa), -1), xb.reshape(len(xb), -1)
     if precision == "float32":
-        return _shifted_float32_product(xa, xb, _column_means(xa) if shift is None else shift)
+        return _shifted_float32_product(xa, xb, column_means(xa) if shift is None else shift)
     return xa.to(torch.float64) @ xb.to(torch.float64).T
 
 
-def _column_means(x: torch.Tensor) -> torch.Tensor:
+def column_means(x: torch.Tensor) -> torch.Tensor:
     """Column means, in one matrix-vector product (any shift keeps the identity exact; means keep it small).
 
     Summed in float32 at least (a float16 sum of many rows overflows).
@@ -210,7 +211,7 @@ def linear_gram(x: torch.Tensor, precision: str = "float64", shift: torch.Tensor
     _check_precision(precision)
     x = x.reshape(len(x), -1)
     if precision == "float32":
-        return _shifted_float32_product(x, None, _column_means(x) if shift is None else shift)
+        return _shifted_float32_product(x, None, column_means(x) if shift is None else shift)
     return _symmetric_product(x.to(torch.float64))
 
 
