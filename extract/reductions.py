@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import LAYERS_GROUP, MASK_ARRAY, ActivationStore, StoreError, StoreInfo
+from .store import LAYERS_GROUP, MASK_ARRAY, ActivationStore, StoreError, StoreInfo, copy_into
 
 __all__ = [
     "REDUCTION_NAMES",
@@ -401,15 +401,20 @@ class ReducedStore(ActivationStore):
             return (shape[0], *self._apply[layer].output_shape(shape[1:]))
         return shape
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def _reduces(self, key: str) -> bool:
+        layer = self._layer(key)
+        return layer is not None and (layer in self._apply or (layer in self._token and self._has_mask))
+
+    def array_dtype(self, key: str) -> np.dtype:
+        return np.dtype(np.float64) if self._reduces(key) else self.inner.array_dtype(key)
+
+    def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        if not self._reduces(key):
+            return self.inner.read(key, start, stop, out)
         block = self.inner.read(key, start, stop)
         layer = self._layer(key)
-        if layer is None:
-            return block
         token = layer in self._token and self._has_mask
         reduction = self._apply.get(layer)
-        if reduction is None and not token:
-            return block
         reduction = reduction or Reduction("flatten")
         mask = None
         if self._has_mask and (token or reduction.kind in TOKEN_KINDS):
@@ -419,7 +424,7 @@ class ReducedStore(ActivationStore):
             x = x.to(torch.float32)
         if reduction.kind in TOKEN_KINDS and mask is not None and not token:
             mask = None  # a layer without the mask's token axis: every token is valid
-        return reduction.apply(x.to(torch.float64), mask, token).numpy()
+        return copy_into(out, reduction.apply(x.to(torch.float64), mask, token).numpy())
 
 
 def reduce_store(store: ActivationStore, spec: ReduceSpec = None) -> ActivationStore:

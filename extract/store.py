@@ -68,6 +68,14 @@ INPUTS_ARRAY = "inputs"
 MASK_ARRAY = "mask"
 
 
+def copy_into(out: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """``rows`` itself without ``out``; otherwise ``rows`` copied into ``out`` (``ActivationStore.read``)."""
+    if out is None:
+        return rows
+    out[...] = rows
+    return out
+
+
 class StoreError(RuntimeError):
     """A store is missing, incomplete, corrupt, or not a simtorch store."""
 
@@ -135,12 +143,20 @@ class ActivationStore(ABC):
     def array_shape(self, key: str) -> tuple[int, ...]: ...
 
     @abstractmethod
+    def array_dtype(self, key: str) -> np.dtype:
+        """The dtype ``read`` returns for ``key``."""
+
+    @abstractmethod
     def write(self, key: str, start: int, block: np.ndarray) -> None:
         """Write ``block`` at rows ``start:start + len(block)``."""
 
     @abstractmethod
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of array ``key`` as a NumPy array."""
+    def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of array ``key`` as a NumPy array.
+
+        With ``out`` (C-contiguous, shape ``(stop - start, *row_shape)``, the array's dtype) the rows are
+        decoded into it and ``out`` is returned: no second copy of a large read is allocated.
+        """
 
     # --- conveniences shared by every backend -------------------------
     @property
@@ -155,28 +171,29 @@ class ActivationStore(ABC):
     def n_samples(self) -> int:
         return self.info.n_samples
 
+    def array_key(self, layer: str | None) -> str:
+        """The array that holds ``layer`` (``None``: the stored inputs), refusing one the store lacks."""
+        if layer is None:
+            if not self.has_array(INPUTS_ARRAY):
+                raise StoreError(
+                    f"{self} holds no inputs, which dCKA needs as its confounder; "
+                    "re-extract without --no-inputs, or pass confounder= explicitly."
+                )
+            return INPUTS_ARRAY
+        if layer not in self.info.layers:
+            raise StoreError(f"{self} has no layer {layer!r}; its layers are {self.info.layers}.")
+        return f"{LAYERS_GROUP}/{layer}"
+
     def layer_shape(self, layer: str) -> tuple[int, ...]:
         """Per-sample shape of ``layer`` (without the sample axis)."""
-        self._check_layer(layer)
-        return self.array_shape(f"{LAYERS_GROUP}/{layer}")[1:]
+        return self.array_shape(self.array_key(layer))[1:]
 
-    def read_layer(self, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        self._check_layer(layer)
-        return self.read(f"{LAYERS_GROUP}/{layer}", start, stop)
+    def read_layer(self, layer: str, start: int = 0, stop: int | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        return self.read(self.array_key(layer), start, stop, out)
 
-    def read_inputs(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        if not self.has_array(INPUTS_ARRAY):
-            raise StoreError(
-                f"{self} holds no inputs, which dCKA needs as its confounder; "
-                "re-extract without --no-inputs, or pass confounder= explicitly."
-            )
-        return self.read(INPUTS_ARRAY, start, stop)
-
-    def _check_layer(self, layer: str) -> None:
-        if layer not in self.info.layers:
-            raise StoreError(
-                f"{self} has no layer {layer!r}; its layers are {self.info.layers}."
-            )
+    def read_inputs(self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self.read(self.array_key(None), start, stop, out)
 
     def require_complete(self) -> None:
         """Raise unless the store carries its completion marker."""
@@ -363,16 +380,24 @@ class ZarrStore(ActivationStore):
             shapes[key] = tuple(self._array(key).shape)
         return shapes[key]
 
+    def array_dtype(self, key: str) -> np.dtype:
+        return np.dtype(self._array(key).dtype)
+
     def write(self, key: str, start: int, block: np.ndarray) -> None:
         self._check_writable()
         self._group[key][start : start + len(block)] = block
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         array = self._array(key)
         stop = array.shape[0] if stop is None else stop
         self._check_chunks_present(key, array)
         try:
-            return np.asarray(array[start:stop])
+            if out is None:
+                return np.asarray(array[start:stop])
+            from zarr.core.buffer.cpu import NDBuffer  # zarr decodes chunk by chunk into it
+
+            array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+            return out
         except Exception as exc:  # zarr raises codec-specific errors on corrupt chunks
             _raise_if_unreachable(f"{self} (array {key!r}, rows {start}:{stop})", exc)
             raise self._corrupt_chunk_error(key, array, start, stop, exc) from exc
@@ -440,12 +465,15 @@ class MemoryStore(ActivationStore):
     def array_shape(self, key: str) -> tuple[int, ...]:
         return self._arrays[key].shape
 
+    def array_dtype(self, key: str) -> np.dtype:
+        return self._arrays[key].dtype
+
     def write(self, key: str, start: int, block: np.ndarray) -> None:
         self._check_writable()
         self._arrays[key][start : start + len(block)] = block
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._arrays[key][start:stop]
+    def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return copy_into(out, self._arrays[key][start:stop])
 
 
 def _document_digest(document: Any) -> str:

@@ -132,6 +132,33 @@ def test_nan_in_a_late_row_is_reported_out_of_core(tmp_path):
         layer_gram(ZarrStore(path), "wide", torch.device("cpu"), 30_000)
 
 
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_features_in_staging_groups_and_in_one_read(tmp_path, monkeypatch, stored, dtype):
+    """Rows decoded straight into the result (float32 → float32) or through a small staging buffer
+    (3 chunks per read here, the last read partial) equal the stored rows; a NaN is named by its row."""
+    import measure.statistics as statistics
+    from measure._checks import MeasureError
+
+    n, chunk = 23, 2
+    x = np.random.default_rng(3).standard_normal((n, 4, 5)).astype(stored)
+    store = ZarrStore(tmp_path / "s.zarr", read_only=False, create=True)
+    store.create_array("layers/x", x.shape, stored, chunk)
+    store.write("layers/x", 0, x)
+    store.write_info(StoreInfo(model_name="m", layers=["x"], n_samples=n, chunk_samples=chunk,
+                               samples_done=n, complete=True))
+    monkeypatch.setattr(statistics, "GATHER_STAGING_BYTES", 3 * chunk * 20 * x.itemsize)
+    got = statistics.layer_features(ZarrStore(tmp_path / "s.zarr"), "x", torch.device("cpu"), dtype=dtype)
+    assert got.dtype == dtype and got.shape == (n, 20)
+    np.testing.assert_array_equal(got.double().numpy(), x.reshape(n, 20).astype(np.float64))
+
+    import zarr
+
+    zarr.open_group(str(tmp_path / "s.zarr"))["layers/x"][19, 2, 3] = np.nan
+    with pytest.raises(MeasureError, match=r"between sample 19 and 19"):
+        statistics.layer_features(ZarrStore(tmp_path / "s.zarr"), "x", torch.device("cpu"), dtype=dtype)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status and uses RLIMIT_AS")
 def test_store_four_times_the_memory_limit(tmp_path):

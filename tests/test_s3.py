@@ -132,14 +132,14 @@ def test_cli_server_stopped_mid_measure_then_rerun_completes(zoos, s3, tmp_path,
     def complete_entries() -> int:
         return sum(1 for a in cache.entries().values() if a.get("complete"))
 
-    def read_then_fail(self, key, start=0, stop=None):
+    def read_then_fail(self, key, start=0, stop=None, out=None):
         layers_read.add((self.path, key))
         if len(layers_read) == 4 and start == 0:  # the fourth layer starts: the server goes away once the
             deadline = time.monotonic() + 30     # background writer has stored two Grams in the remote cache
             while complete_entries() < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             s3.stop()
-        return original(self, key, start, stop)
+        return original(self, key, start, stop, out)
 
     monkeypatch.setattr(ZarrStore, "read", read_then_fail)
     try:

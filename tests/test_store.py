@@ -38,6 +38,20 @@ class StoreTests:
         np.testing.assert_array_equal(store.read_layer("b"), b)
         assert store.has_array("layers/a") and not store.has_array("layers/zzz")
 
+    def test_read_into_a_buffer(self, tmp_path):
+        store = self.make(tmp_path)
+        store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=10, chunk_samples=4))
+        a = np.random.default_rng(2).standard_normal((10, 3, 2)).astype(np.float32)
+        store.create_array("layers/a", a.shape, "float32", 4)
+        for start in (0, 4, 8):
+            store.write("layers/a", start, a[start : start + 4])
+        assert store.array_dtype("layers/a") == np.float32
+        out = np.full((5, 3, 2), np.nan, np.float32)
+        assert store.read_layer("a", 3, 8, out=out) is out  # across a chunk boundary, not chunk-aligned
+        np.testing.assert_array_equal(out, a[3:8])
+        whole = np.empty_like(a)
+        np.testing.assert_array_equal(store.read("layers/a", out=whole), a)
+
     def test_unknown_layer_names_the_layers(self, tmp_path):
         store = self.make(tmp_path)
         store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=2))
