@@ -354,6 +354,7 @@ class ZarrStore(ActivationStore):
         from zarr.codecs import BloscCodec, Crc32cCodec
 
         self._check_writable()
+        self.__dict__.get("_writable", {}).pop(key, None)
         self._group.create_array(
             key,
             shape=shape,
@@ -385,7 +386,13 @@ class ZarrStore(ActivationStore):
 
     def write(self, key: str, start: int, block: np.ndarray) -> None:
         self._check_writable()
-        self._group[key][start : start + len(block)] = block
+        arrays = self.__dict__.setdefault("_writable", {})  # opened once: each open reads its zarr.json
+        if key not in arrays:
+            # write_empty_chunks is a runtime setting that zarr does not store with the array: reopened
+            # without it, an all-zero chunk (a dead ReLU layer) would not be written, and the complete
+            # store would then read as missing that chunk
+            arrays[key] = self._group[key].with_config({"write_empty_chunks": True})
+        arrays[key][start : start + len(block)] = block
 
     def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         array = self._array(key)

@@ -206,7 +206,7 @@ class StatisticsCache:
             array = group.create_array(
                 f"{ENTRIES}/{key}", shape=value.shape, dtype="float64",
                 chunks=(rows, *value.shape[1:]) if value.ndim else (), compressors=[Crc32cCodec()],
-                fill_value=0.0, overwrite=True,
+                fill_value=0.0, overwrite=True, config={"write_empty_chunks": True},  # no all-equal scan
             )
             array.attrs[ATTRS_KEY] = {"complete": False, "meta": meta, "source": _store_source(store)}
             array[...] = value

@@ -52,6 +52,18 @@ class StoreTests:
         whole = np.empty_like(a)
         np.testing.assert_array_equal(store.read("layers/a", out=whole), a)
 
+    def test_an_all_zero_chunk_is_stored(self, tmp_path):
+        # a dead ReLU layer has all-zero chunks; the complete store must still read (zarr skips writing
+        # chunks equal to the fill value unless told not to, and a complete store refuses missing chunks)
+        store = self.make(tmp_path)
+        store.create_array("layers/a", (8, 3), "float32", 4)
+        store.write("layers/a", 0, np.zeros((4, 3), np.float32))
+        store.write("layers/a", 4, np.ones((4, 3), np.float32))
+        store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=8, chunk_samples=4,
+                                   samples_done=8, complete=True))
+        expected = np.concatenate([np.zeros((4, 3)), np.ones((4, 3))]).astype(np.float32)
+        np.testing.assert_array_equal(store.read_layer("a"), expected)
+
     def test_unknown_layer_names_the_layers(self, tmp_path):
         store = self.make(tmp_path)
         store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=2))
