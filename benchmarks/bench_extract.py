@@ -141,6 +141,9 @@ def codec_chains() -> dict[str, tuple[list, list]]:
         "blosc-lz4 shuffle clevel 5 + crc32c": (
             [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()],
             [Blosc("lz4", 5, Blosc.SHUFFLE), CRC32C()]),
+        "blosc-lz4 noshuffle clevel 5 + crc32c": (
+            [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec()],
+            [Blosc("lz4", 5, Blosc.NOSHUFFLE), CRC32C()]),
         "blosc-lz4 bitshuffle clevel 5 + crc32c": (
             [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()],
             [Blosc("lz4", 5, Blosc.BITSHUFFLE), CRC32C()]),
@@ -176,7 +179,7 @@ def cpu_throughput(chunks: list[np.ndarray], codecs: list, repeats: int) -> tupl
 
 def demo_arrays(stores_dir: Path) -> list[np.ndarray]:
     arrays = []
-    for path in sorted(stores_dir.glob("*.zarr")):
+    for path in sorted(p for p in stores_dir.glob("*.zarr") if not p.name.startswith(".")):  # not the cache
         store = ZarrStore(path)
         arrays += [store.read_layer(layer) for layer in store.layers]
     if not arrays:

@@ -13,24 +13,28 @@ simtorch::
                               (only for token inputs; see extract.reductions)
 
 Every array is chunked along the sample axis only, with one chunk length per
-store, and encoded ``bytes -> blosc(lz4, clevel 5, shuffle) -> crc32c`` so that a
-flipped bit is caught on read.
+store, and encoded ``bytes -> blosc(lz4, clevel 5, no shuffle) -> crc32c`` so
+that a flipped bit is caught on read.
 
-Codec choice (``benchmarks/bench_extract.py --codecs-only``, every layer of
-the five demo stores, 30.7 MB float32 / an untrained VGG-style CNN, 71.9 MB;
-MB of raw data per CPU-second, numcodecs, no disk)::
+Codec choice (``benchmarks/bench_extract.py --codecs-only --stores DIR``):
+every layer of the five demo stores (30.7 MB) / an untrained VGG-style CNN
+on 600 upsampled digits (45 MB) / one random-init ``WideCNN`` store of
+``bench_zoo.py`` (176 MB), float32; MB of raw data per CPU-second, numcodecs,
+no disk::
 
-    chain (each ends in crc32c)      ratio        encode        decode
-    none                             1.00 / 1.00  2084 / 1983   14808 / 14935
-    blosc-lz4 shuffle, clevel 5      1.29 / 1.61  1039 / 900     3301 / 3380
-    blosc-lz4 bitshuffle, clevel 5   1.19 / 1.40  1327 / 885     3542 / 2613
-    blosc-zstd shuffle, clevel 1     1.58 / 1.89   278 / 295      849 / 822
-    zstd level 1                     1.67 / 1.96   520 / 626     1215 / 1693
-    zstd level 3                     1.71 / 1.99   251 / 302     1245 / 1563
+    chain (each ends in crc32c)      ratio               encode               decode
+    none                             1.00 / 1.00 / 1.00  1823 / 1943 / 2749   12308 / 12179 / 12694
+    blosc-lz4 noshuffle, clevel 5    1.37 / 1.60 / 2.27  1099 / 1135 / 1504    3135 /  5147 /  7651
+    blosc-lz4 shuffle, clevel 5      1.29 / 1.61 / 2.35   996 /  868 / 1066    3069 /  3231 /  4065
+    blosc-lz4 bitshuffle, clevel 5   1.19 / 1.41 / 1.95  1512 /  851 /  941    3475 /  2679 /  2928
+    blosc-zstd shuffle, clevel 1     1.58 / 1.86 / 2.71   268 /  299 /  381     818 /   845 /  1319
+    zstd level 1                     1.67 / 1.91 / 2.72   519 /  605 /  799    1205 /  1653 /  2297
 
-blosc-lz4 with byte shuffle is kept: 22-39 % smaller than raw, half the
-encode cost of zstd 1 on the writer thread and 2-3x its decode speed; zstd 1
-would save another 16-23 % of disk for twice the CPU.
+blosc-lz4 without shuffle is kept: as small as byte shuffle (the zeros of ReLU
+layers, most of what these codecs find, compress as well unshuffled), 1.1-1.4x
+faster to encode and up to 1.9x faster to decode; zstd 1 would save another
+16-22 % of disk for about twice the CPU. Stores written with byte shuffle
+(simtorch 0.3.0 before this choice) read as before: zarr reads each array's codecs.
 
 The root attributes (``StoreInfo``) record the model, its weights digest, the
 layers in capture order, the storage dtype, the sample count, the dataset
@@ -360,7 +364,7 @@ class ZarrStore(ActivationStore):
             shape=shape,
             chunks=(max(1, chunk_samples), *shape[1:]),
             dtype=dtype,
-            compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()],
+            compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec()],
             fill_value=0,
             overwrite=True,
             config={"write_empty_chunks": True},  # every chunk is a file, so a deleted one is detectable

@@ -132,7 +132,7 @@ def test_format_is_plain_zarr_and_dask(tmp_path):
     assert array.chunks == (8, 6, 5)  # chunked along samples only
     codecs = json.loads((path / "layers" / "conv" / "zarr.json").read_text())["codecs"]
     assert [c["name"] for c in codecs] == ["bytes", "blosc", "crc32c"]
-    assert codecs[1]["configuration"]["cname"] == "lz4"
+    assert codecs[1]["configuration"]["cname"] == "lz4" and codecs[1]["configuration"]["shuffle"] == "noshuffle"
     np.testing.assert_array_equal(array[:], x)
     np.testing.assert_allclose(da.from_zarr(array).mean(axis=0).compute(), x.mean(axis=0), rtol=1e-5, atol=1e-6)
 
