@@ -73,6 +73,10 @@ def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop:
             yield offset, block
 
 
+def _numel(store: ActivationStore, layer: str | None) -> int:
+    return store.n_samples * (_features_bytes(store, layer) // 8)
+
+
 def _features_bytes(store: ActivationStore, layer: str | None) -> int:
     shape = store.layer_shape(layer) if layer is not None else tuple(store.info.input_shape)
     return int(np.prod(shape, dtype=np.int64)) * 8
@@ -82,8 +86,12 @@ GATHER_STAGING_BYTES = 32 << 20  # stored bytes decoded per read when the rows m
 
 
 def _gather(store: ActivationStore, layer: str | None, start: int, stop: int, chunk: int,
-            device: torch.device, check: bool = True, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Rows start:stop as one (rows, n_features) tensor in ``dtype``.
+            device: torch.device, check: bool = True, dtype: torch.dtype = torch.float64,
+            buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows start:stop as one (rows, n_features) tensor in ``dtype``, in ``buffer`` when it is given.
+
+    ``buffer``: flat, of ``dtype`` on ``device``, at least rows × n_features long (a freed layer's
+    memory: writing into fresh memory costs a page fault per 4 KiB, about half the read time).
 
     When the stored dtype is ``dtype`` and the device the CPU (float32 stores measured in float32),
     the rows are decoded straight into the result in one read. Otherwise they are read in whole
@@ -94,7 +102,10 @@ def _gather(store: ActivationStore, layer: str | None, start: int, stop: int, ch
     shape = tuple(store.array_shape(key)[1:])
     stored = np.dtype(store.array_dtype(key))
     width = int(np.prod(shape, dtype=np.int64))
-    out = torch.empty((stop - start, width), dtype=dtype, device=device)
+    if buffer is not None and buffer.numel() >= (stop - start) * width:
+        out = buffer[: (stop - start) * width].view(stop - start, width)
+    else:
+        out = torch.empty((stop - start, width), dtype=dtype, device=device)
     what = _what(store, layer)
     if device.type == "cpu" and stored.kind == "f" and torch.from_numpy(np.empty(0, stored)).dtype == dtype:
         if stop > start:
@@ -115,12 +126,15 @@ def _gather(store: ActivationStore, layer: str | None, start: int, stop: int, ch
 
 
 def layer_features(store: ActivationStore, layer: str | None, device: torch.device, *,
-                   dtype: torch.dtype = torch.float64, check: bool = True) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float64, check: bool = True,
+                   buffer: torch.Tensor | None = None) -> torch.Tensor:
     """The whole (n_samples, n_features) matrix of ``layer`` (or of the inputs, layer=None), in ``dtype``.
 
     ``check=False`` skips the per-block NaN/Inf check (for callers that check the Gram instead).
+    ``buffer``: memory to reuse, as in ``_gather``.
     """
-    return _gather(store, layer, 0, store.n_samples, _chunk_rows(store, layer), device, check=check, dtype=dtype)
+    return _gather(store, layer, 0, store.n_samples, _chunk_rows(store, layer), device, check=check, dtype=dtype,
+                   buffer=buffer)
 
 
 def gram_block_rows(n: int, chunk: int, per_row: int, memory_budget: int) -> tuple[int, int]:
@@ -234,19 +248,25 @@ def layer_grams(jobs: Sequence[tuple[ActivationStore, str]], device: torch.devic
         store, layer = jobs[k]
         return store.n_samples * _features_bytes(store, layer)
 
-    def read(k: int) -> torch.Tensor:
-        return layer_features(*jobs[k], device, dtype=dtype, check=False)
+    def read(k: int, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        features = layer_features(*jobs[k], device, dtype=dtype, check=False, buffer=buffer)
+        return features, buffer if buffer is not None and features.data_ptr() == buffer.data_ptr() else \
+            features.reshape(-1)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead: tuple[int, Any] | None = None
+        spare: torch.Tensor | None = None  # the last layer's memory (flat), refilled by the next read
         for k, (store, layer) in enumerate(jobs):
-            features = ahead[1].result() if ahead is not None and ahead[0] == k else None
+            features, memory = ahead[1].result() if ahead is not None and ahead[0] == k else (None, None)
             ahead = None
             if (k + 1 < len(jobs) and _fits(store, layer, memory_budget) and _fits(*jobs[k + 1], memory_budget)
                     and size(k) + size(k + 1) <= memory_budget):
-                ahead = (k + 1, pool.submit(read, k + 1))
+                reuse = spare is not None and spare.numel() >= _numel(*jobs[k + 1]) \
+                    and size(k) + 8 * spare.numel() <= memory_budget
+                ahead = (k + 1, pool.submit(read, k + 1, spare if reuse else None))
+            spare = None
             yield layer_gram(store, layer, device, memory_budget, precision, features=features)
-            del features
+            spare, features, memory = memory, None, None
 
 
 def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,

@@ -178,3 +178,28 @@ def test_store_four_times_the_memory_limit(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out_gram.npy"), k_wide, rtol=1e-12, atol=1e-8)
     want = np.array([[1.0, _linear_cka(k_wide, k_narrow)], [_linear_cka(k_narrow, k_wide), 1.0]])
     np.testing.assert_allclose(np.load(tmp_path / "out_cka.npy"), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_layer_grams_reading_ahead_into_freed_memory(tmp_path, precision):
+    """``layer_grams`` reads each layer into the memory of the layer before last when it is big enough:
+    every Gram still equals NumPy's, whatever the order of wide and narrow layers."""
+    from measure.statistics import layer_grams
+
+    n, widths = 30, {"a": 500, "b": 40, "c": 300, "d": 700, "e": 20, "f": 650}
+    rng = np.random.default_rng(4)
+    store = ZarrStore(tmp_path / "s.zarr", read_only=False, create=True)
+    arrays = {}
+    for name, p in widths.items():
+        arrays[name] = (rng.standard_normal((n, p)) + 0.5).astype(np.float32)
+        store.create_array(f"layers/{name}", (n, p), "float32", 8)
+        store.write(f"layers/{name}", 0, arrays[name])
+    store.write_info(StoreInfo(model_name="m", layers=list(widths), n_samples=n, chunk_samples=8,
+                               samples_done=n, complete=True))
+    store = ZarrStore(tmp_path / "s.zarr")
+    jobs = [(store, name) for name in ["a", "b", "c", "d", "e", "f", "a", "c"]]
+    grams = list(layer_grams(jobs, torch.device("cpu"), 1 << 30, precision))
+    for (_, name), gram in zip(jobs, grams):
+        x = arrays[name].astype(np.float64)
+        np.testing.assert_allclose(gram.numpy(), x @ x.T, rtol=1e-6 if precision == "float32" else 1e-12,
+                                   atol=1e-6 * np.abs(x @ x.T).max())

@@ -140,11 +140,17 @@ def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: t
     ra = torch.zeros(len(xa), dtype=torch.float64, device=xa.device)
     rb = ra if same else torch.zeros(len(xb), dtype=torch.float64, device=xa.device)
 
+    buffers: dict[int, torch.Tensor] = {}  # one shifted block per operand, reused (fresh ones cost page faults)
+
     def shifted(x: torch.Tensor, a: int) -> torch.Tensor:
         block, c = x[:, a:a + FLOAT32_FEATURE_BLOCK], shift32[a:a + FLOAT32_FEATURE_BLOCK]
+        key = id(x)
+        if key not in buffers or buffers[key].shape[1] < block.shape[1]:
+            buffers[key] = torch.empty((len(x), block.shape[1]), dtype=torch.float32, device=x.device)
+        out = buffers[key][:, : block.shape[1]]
         if block.dtype == torch.float32:
-            return block - c
-        return (block.to(torch.float64) - c.to(torch.float64)).to(torch.float32)
+            return torch.sub(block, c, out=out)
+        return out.copy_(block.to(torch.float64) - c.to(torch.float64))
 
     with _ieee_float32_matmul():
         for a in range(0, xa.shape[1], FLOAT32_FEATURE_BLOCK):
