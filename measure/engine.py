@@ -27,7 +27,7 @@ from extract.store import ActivationStore, StoreError
 from ._checks import MeasureError
 from .accumulators.cka import choose_route
 from .cache import StatisticsCache
-from .functional._bilinear import PreparedLayers
+from .functional._bilinear import PreparedLayers, SharedProducts
 from .functional.dcka import confounder_gram
 from .functional.gram import PRECISIONS
 from .registry import MeasureSpec, get_measure
@@ -267,15 +267,16 @@ class Engine:
         self.statistics_computed += 1
         return layer_features(self.stores[s], layer, self.device)
 
-    def prepared(self, spec: MeasureSpec, options: dict[str, Any], s: int) -> list[Any]:
-        """The measure's per-layer objects for every selected layer of store ``s``."""
+    def prepared(self, spec: MeasureSpec, options: dict[str, Any], s: int,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Any]:
+        """The measure's per-layer objects for every selected layer of store ``s`` (``out``: see PreparedLayers)."""
         if spec.statistic == "gram_blocks":
             b = options["batch_size"]
             n = self.stores[s].n_samples
             if not (isinstance(b, int) and 4 <= b <= n):
                 raise MeasureError(f"batch_size must be an integer between 4 and {n}, got {b!r}.")
         confounder = self.confounder() if spec.needs_confounder else None
-        out = []
+        items = []
         for layer in self.layers[s]:
             p = spec.prepare(self._statistic(spec, s, layer, options), confounder=confounder, **options)
             if not getattr(p, "defined", True):
@@ -283,8 +284,27 @@ class Engine:
                 if self.undefined == "raise":
                     raise MeasureError(message + " Drop the layer with --layers, or pass --undefined nan.")
                 warnings.warn(message + " Its row/column is NaN.", stacklevel=2)
-            out.append(p)
-        return PreparedLayers(out)  # stacked once: each pair is then one matrix product, no copies
+            items.append(p)
+        return PreparedLayers(items, out=out)  # stacked once: each pair is then a matrix product, no copies
+
+    def prepare_together(self, spec: MeasureSpec, options: dict[str, Any],
+                         stores: Sequence[int]) -> dict[int, list[Any]]:
+        """``prepared`` of each store, stacked into one ``SharedProducts`` multiplied once when the
+        measure is bilinear (``Prepared`` items): every pair of these stores is then a slice of it."""
+        out: dict[int, list[Any]] = {}
+        group: SharedProducts | None = None
+        total = sum(len(self.layers[s]) for s in stores)
+        for s in stores:
+            layers = self.prepared(spec, options, s, out=group.block(len(self.layers[s])) if group else None)
+            if group is None and len(stores) > 1 and layers.stacked:
+                group = SharedProducts(total, layers)  # the first store, restacked into the group's rows
+                layers = PreparedLayers(list(layers), out=group.block(len(layers)))
+            if group is not None:
+                group.add(layers)
+            out[s] = layers
+        if group is not None:
+            group.compute()
+        return out
 
     # ------------------------------------------------------------------ feature route
     def route(self, spec: MeasureSpec, options: dict[str, Any], i: int, j: int) -> str:
@@ -327,17 +347,15 @@ class Engine:
         for spec, given in measures:
             name = spec.name
             options = spec.resolve_options(given)
-            cache: dict[int, list[Any]] = {}
+            kernel_stores = list(dict.fromkeys(s for i, j in pairs if self.route(spec, options, i, j) == "gram"
+                                               for s in (i, j)))
             if spec.statistic == "gram":  # every Gram the pairs need, read ahead in the order they are used
-                self.ensure_grams((s, layer) for i, j in pairs if self.route(spec, options, i, j) == "gram"
-                                  for s in (i, j) for layer in self.layers[s])
+                self.ensure_grams((s, layer) for s in kernel_stores for layer in self.layers[s])
+            cache = self.prepare_together(spec, options, kernel_stores)
             for i, j in pairs:
                 if self.route(spec, options, i, j) == "features":
                     matrix, extras = self._feature_matrix(spec, i, j), {"route": "features"}
                 else:
-                    for s in (i, j):
-                        if s not in cache:
-                            cache[s] = self.prepared(spec, options, s)
                     matrix = spec.pair_matrix(cache[i], cache[j]).detach().to("cpu", torch.float64).numpy()
                     extras = _extras(cache[i], cache[j], self.layers[i], self.layers[j])
                 results.append(PairResult(

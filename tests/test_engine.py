@@ -101,6 +101,44 @@ def test_store_path_equals_compare(stores, chunk, budget, monkeypatch):
             assert result.extras == {"route": "features"}
 
 
+def test_pairs_of_many_stores_are_slices_of_one_product(stores, tmp_path, monkeypatch):
+    """Three stores, some pairs in either order: every matrix equals ``compare`` of the arrays, and every
+    store's layers were paired through one shared product (one product for all pairs, not one per pair)."""
+    from measure.functional import _bilinear
+
+    inputs, a, b, made = stores
+    _, c, _ = zoo(seed=3)
+    c["fc"][:, :] = 1.5  # a constant layer: undefined, its row / column NaN in the shared product too
+    engine = Engine([*made[16], write_store(tmp_path / "c.zarr", "C", c, inputs, chunk=16)], device="cpu",
+                    undefined="nan")
+    grouped = []
+    original = _bilinear.SharedProducts.compute
+
+    def compute(self):
+        grouped.append(self.rows)
+        original(self)
+
+    monkeypatch.setattr(_bilinear.SharedProducts, "compute", compute)
+    arrays = [a, b, c]
+    pairs = [(0, 2), (2, 1), (1, 1), (0, 1)]
+    for name, options in [("cka", {"route": "gram"}), ("cka_debiased", {"route": "gram"}), ("dcka", {})]:
+        grouped.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = engine.run([(name, options)], pairs)
+        assert grouped == [len(a) + len(b) + len(c)], name
+        for (i, j), result in zip(pairs, results):
+            rows = [k for k, layer in enumerate(arrays[i]) if not (i == 2 and layer == "fc")]
+            cols = [k for k, layer in enumerate(arrays[j]) if not (j == 2 and layer == "fc")]
+            defined = {k: v for k, v in arrays[i].items() if not (i == 2 and k == "fc")}, \
+                {k: v for k, v in arrays[j].items() if not (j == 2 and k == "fc")}
+            np.testing.assert_allclose(result.matrix[np.ix_(rows, cols)],
+                                       _expected(*defined, inputs, name, options),
+                                       atol=1e-10, rtol=0, err_msg=f"{name} {(i, j)}")
+            assert np.isnan(np.delete(np.delete(result.matrix, rows, 0), [], 1)).all()
+            assert np.isnan(np.delete(result.matrix, cols, 1)).all()
+
+
 @pytest.mark.parametrize("budget", [1, 100_000, 10**9])
 def test_layer_gram_blocked_equals_numpy(stores, budget):
     _, a, _, made = stores
