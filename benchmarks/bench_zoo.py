@@ -5,11 +5,11 @@
     .venv/bin/python benchmarks/bench_zoo.py --device cuda
 
 Every row runs in a fresh child process (the scratch, warm, +1 and simtorch 0.2.1 rows: the fastest of
-``--repeats`` such runs, each from the same starting state; the notes list every run's time, since the
-shared 2-core machine varies by ±10 % from run to run); its wall time is measured inside the child around the work
-only (imports and model construction excluded), and its peak memory is the child's maximum resident
-set size (``os.wait4`` rusage), printed next to the baseline of a child that only imports torch and
-simtorch. Rows:
+``--repeats`` such runs, each from the same starting state, scratch and simtorch runs interleaved; the
+notes list every run's time, since the shared 2-core machine varies by 10-30 % from run to run); its
+wall time is measured inside the child around the work only (imports and model construction excluded),
+and its peak memory is the child's maximum resident set size (``os.wait4`` rusage), printed next to the
+baseline of a child that only imports torch and simtorch. Rows:
 
 * **scratch** — ``extract`` M models (random-init ``WideCNN``, 5 layers) over n inputs into Zarr stores,
   then the Engine's exact linear ``cka`` on all M(M+1)/2 store pairs (each store against every other and
@@ -255,20 +255,25 @@ def run(args: argparse.Namespace) -> str:
     summary: dict[int, dict[str, Any]] = {}
     for m in args.zoo_sizes:
         summary[m] = {}
-        for precision in args.precisions:
-            folder = work / f"zoo{m}_{precision}"
-            cache = folder / ".simtorch-cache.zarr"
-            job = dict(common, folder=str(folder), cache=str(cache), precision=precision)
-            runs = []
-            for _ in range(args.repeats):  # each from nothing: no stores, no cache
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir()
-                runs.append(run_child("zoo", dict(job, extract=list(range(m)))))
-            scratch = min(runs, key=lambda r: r["seconds"])
-            scratch["spread"] = [r["seconds"] for r in runs]
+        jobs = {p: dict(common, folder=str(work / f"zoo{m}_{p}"),
+                        cache=str(work / f"zoo{m}_{p}" / ".simtorch-cache.zarr"), precision=p)
+                for p in args.precisions}
+        runs: dict[str, list[dict]] = {p: [] for p in args.precisions}
+        sims: list[dict] = []
+        for _ in range(args.repeats):  # interleaved, so a slower spell of the shared machine hits every tool
+            for precision, job in jobs.items():  # each from nothing: no stores, no cache
+                shutil.rmtree(job["folder"], ignore_errors=True)
+                Path(job["folder"]).mkdir()
+                runs[precision].append(run_child("zoo", dict(job, extract=list(range(m)))))
+            if have_simtorch:
+                sims.append(run_child("simtorch", dict(common, batch_size=args.batch_size,
+                                                       state_dicts=state_dicts[:m], max_pairs=args.simtorch_max_pairs),
+                                      python=str(simtorch_python), script=HERE / "_simtorch021_zoo_runner.py"))
+        for precision, job in jobs.items():
+            scratch = min(runs[precision], key=lambda r: r["seconds"])
             warm = min((run_child("zoo", dict(job, extract=[])) for _ in range(args.repeats)),
                        key=lambda r: r["seconds"])
-            spread = " / ".join(f"{t:.2f}" for t in scratch["spread"])
+            spread = " / ".join(f"{r['seconds']:.2f}" for r in runs[precision])
             lines.append(_row(f"M={m} scratch, {precision} (extract + {scratch['pairs']} pairs)", scratch,
                               f"extract {scratch['extract_seconds']:.2f} s + measure "
                               f"{scratch['measure_seconds']:.2f} s, {scratch['statistics_computed']} Grams; "
@@ -277,10 +282,6 @@ def run(args: argparse.Namespace) -> str:
                                                                      f"computed, {warm['cache_hits']} reused"))
             summary[m][precision] = {"scratch": scratch, "warm": warm}
         if have_simtorch:
-            sims = [run_child("simtorch", dict(common, batch_size=args.batch_size, state_dicts=state_dicts[:m],
-                                               max_pairs=args.simtorch_max_pairs),
-                              python=str(simtorch_python), script=HERE / "_simtorch021_zoo_runner.py")
-                    for _ in range(args.repeats)]
             sim = min(sims, key=lambda r: r["seconds"])
             how = (f"{sim['pairs']} pairs" if sim["measured_pairs"] == sim["pairs"] else
                    f"{sim['measured_pairs']} of {sim['pairs']} pairs timed ({sim['measured_seconds']:.1f} s), "

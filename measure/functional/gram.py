@@ -224,7 +224,8 @@ def linear_gram(x: torch.Tensor, precision: str = "float64", shift: torch.Tensor
 def center_gram(gram: torch.Tensor) -> torch.Tensor:
     """H K H for symmetric K, via row/column means: K − 1mᵀ − m1ᵀ + m̄."""
     row_means = gram.mean(dim=0)
-    return gram - row_means[None, :] - row_means[:, None] + row_means.mean()
+    centered = gram - row_means[None, :]  # one n × n result, finished in place (no temporaries)
+    return centered.sub_(row_means[:, None]).add_(row_means.mean())
 
 
 def squared_distances(gram: torch.Tensor) -> torch.Tensor:
