@@ -249,9 +249,10 @@ def layer_grams(jobs: Sequence[tuple[ActivationStore, str]], device: torch.devic
         return store.n_samples * _features_bytes(store, layer)
 
     def read(k: int, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's features, the whole memory they live in, to hand to a later read)."""
         features = layer_features(*jobs[k], device, dtype=dtype, check=False, buffer=buffer)
-        return features, buffer if buffer is not None and features.data_ptr() == buffer.data_ptr() else \
-            features.reshape(-1)
+        reused = buffer is not None and features.data_ptr() == buffer.data_ptr()
+        return features, buffer if reused else features.reshape(-1)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead: tuple[int, Any] | None = None
