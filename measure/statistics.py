@@ -73,10 +73,6 @@ def iter_row_blocks(store: ActivationStore, layer: str | None, start: int, stop:
             yield offset, block
 
 
-def _numel(store: ActivationStore, layer: str | None) -> int:
-    return store.n_samples * (_features_bytes(store, layer) // 8)
-
-
 def _features_bytes(store: ActivationStore, layer: str | None) -> int:
     shape = store.layer_shape(layer) if layer is not None else tuple(store.info.input_shape)
     return int(np.prod(shape, dtype=np.int64)) * 8
@@ -262,8 +258,7 @@ def layer_grams(jobs: Sequence[tuple[ActivationStore, str]], device: torch.devic
             ahead = None
             if (k + 1 < len(jobs) and _fits(store, layer, memory_budget) and _fits(*jobs[k + 1], memory_budget)
                     and size(k) + size(k + 1) <= memory_budget):
-                reuse = spare is not None and spare.numel() >= _numel(*jobs[k + 1]) \
-                    and size(k) + 8 * spare.numel() <= memory_budget
+                reuse = spare is not None and size(k + 1) <= 8 * spare.numel() <= memory_budget - size(k)
                 ahead = (k + 1, pool.submit(read, k + 1, spare if reuse else None))
             spare = None
             yield layer_gram(store, layer, device, memory_budget, precision, features=features)

@@ -140,14 +140,14 @@ def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: t
     ra = torch.zeros(len(xa), dtype=torch.float64, device=xa.device)
     rb = ra if same else torch.zeros(len(xb), dtype=torch.float64, device=xa.device)
 
-    buffers: dict[int, torch.Tensor] = {}  # one shifted block per operand, reused (fresh ones cost page faults)
+    # one shifted block per operand, reused for every feature block (fresh ones cost page faults)
+    width = min(FLOAT32_FEATURE_BLOCK, xa.shape[1])
+    buffer_a = torch.empty((len(xa), width), dtype=torch.float32, device=xa.device)
+    buffer_b = buffer_a if same else torch.empty((len(xb), width), dtype=torch.float32, device=xa.device)
 
-    def shifted(x: torch.Tensor, a: int) -> torch.Tensor:
+    def shifted(x: torch.Tensor, a: int, buffer: torch.Tensor) -> torch.Tensor:
         block, c = x[:, a:a + FLOAT32_FEATURE_BLOCK], shift32[a:a + FLOAT32_FEATURE_BLOCK]
-        key = id(x)
-        if key not in buffers or buffers[key].shape[1] < block.shape[1]:
-            buffers[key] = torch.empty((len(x), block.shape[1]), dtype=torch.float32, device=x.device)
-        out = buffers[key][:, : block.shape[1]]
+        out = buffer[:, : block.shape[1]]
         if block.dtype == torch.float32:
             return torch.sub(block, c, out=out)
         return out.copy_(block.to(torch.float64) - c.to(torch.float64))
@@ -155,12 +155,12 @@ def _shifted_float32_product(xa: torch.Tensor, xb: torch.Tensor | None, shift: t
     with _ieee_float32_matmul():
         for a in range(0, xa.shape[1], FLOAT32_FEATURE_BLOCK):
             c = shift64[a:a + FLOAT32_FEATURE_BLOCK]
-            block_a = shifted(xa, a)
+            block_a = shifted(xa, a, buffer_a)
             ra += _float64_matvec(block_a, c)
             if same:
                 _symmetric_product(block_a, out=gram)
             else:
-                block_b = shifted(xb, a)
+                block_b = shifted(xb, a, buffer_b)
                 rb += _float64_matvec(block_b, c)
                 gram += block_a @ block_b.T
     if same:
