@@ -120,7 +120,9 @@ class ChunkWriter:
     def _flush(self) -> None:
         if not self._buffered:
             return
-        chunk = {key: np.concatenate(parts) for key, parts in self._buffer.items()}
+        # rows of one batch are written as they are (a view: no copy); rows of several batches are joined
+        chunk = {key: np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+                 for key, parts in self._buffer.items()}
         self._queue.put((self.position, chunk))
         self.position += self._buffered
         self._buffer = {}

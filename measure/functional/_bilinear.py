@@ -56,7 +56,9 @@ class Prepared:
 def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, what: str,
                extras: dict[str, Any] | None = None,
                zero_reason: str = "the layer is constant over samples") -> Prepared:
-    """Divide by √⟨left, right⟩; mark undefined when that self-product is not clearly positive.
+    """Divide by √⟨left, right⟩ in place; mark undefined when that self-product is not clearly positive.
+
+    ``left`` and ``right`` must be vectors the caller made for this layer (they are overwritten).
 
     ``scale`` is a magnitude of the unnormalised statistic (for example ‖K‖²)
     that sets the round-off threshold: a self-product below ``UNDEFINED_RTOL · scale``
@@ -73,9 +75,10 @@ def normalized(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, wha
         )
         return Prepared(left, right, defined=False, reason=reason, extras=extras or {})
     norm = torch.sqrt(self_product)
-    same = right is left
-    left = left / norm
-    return Prepared(left, left if same else right / norm, extras=extras or {})
+    left.div_(norm)  # in place: the vectors are the caller's own (n² each; a fresh copy costs page faults)
+    if right is not left:
+        right.div_(norm)
+    return Prepared(left, right, extras=extras or {})
 
 
 class PreparedLayers(list):
