@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from .chunk_files import ChunkFiles
+
 __all__ = [
     "FORMAT_VERSION",
     "ActivationStore",
@@ -395,8 +397,14 @@ class ZarrStore(ActivationStore):
             # write_empty_chunks is a runtime setting that zarr does not store with the array: reopened
             # without it, an all-zero chunk (a dead ReLU layer) would not be written, and the complete
             # store would then read as missing that chunk
-            arrays[key] = self._group[key].with_config({"write_empty_chunks": True})
-        arrays[key][start : start + len(block)] = block
+            array = self._group[key].with_config({"write_empty_chunks": True})
+            arrays[key] = (array, ChunkFiles.of(array))
+        array, chunk_files = arrays[key]
+        whole = chunk_files.whole_chunks(start, len(block)) if chunk_files is not None else 0
+        if whole:  # whole chunks of a local store: encoded and written directly (extract.chunk_files)
+            chunk_files.write(start, block[:whole])
+        if whole < len(block):
+            array[start + whole : start + len(block)] = block[whole:]
 
     def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         array = self._array(key)

@@ -188,3 +188,43 @@ def test_chunk_rows_are_even_and_bounded(bytes_per_sample, n, chunk_bytes, expec
     rows = chunk_samples(bytes_per_sample, n, chunk_bytes)
     assert rows == expected
     assert rows * bytes_per_sample <= max(chunk_bytes, bytes_per_sample)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_direct_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype):
+    # ZarrStore.write encodes whole chunks itself (extract.chunk_files); zarr must have written the same bytes
+    import zarr
+
+    from extract.chunk_files import ChunkFiles
+
+    x = np.maximum(np.random.default_rng(5).standard_normal((23, 6, 5)), 0).astype(dtype)  # ReLU-like zeros
+    store = ZarrStore(tmp_path / "ours.zarr", read_only=False, create=True)
+    store.create_array("layers/a", x.shape, dtype, 4)
+    store.write("layers/a", 0, x[:9])  # two whole chunks directly, one row through zarr
+    store.write("layers/a", 9, x[9:12])  # the rest of that chunk through zarr
+    store.write("layers/a", 12, x[12:])  # two whole chunks directly, the partial edge chunk through zarr
+    reference = ZarrStore(tmp_path / "zarr.zarr", read_only=False, create=True)
+    reference.create_array("layers/a", x.shape, dtype, 4)
+    zarr.open_group(tmp_path / "zarr.zarr", mode="r+")["layers/a"].with_config({"write_empty_chunks": True})[:] = x
+    ours, theirs = (sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+                    for folder in (tmp_path / "ours.zarr/layers/a/c", tmp_path / "zarr.zarr/layers/a/c"))
+    assert ours == theirs and len(ours) == 6
+    for name in ours:
+        assert (tmp_path / "ours.zarr/layers/a/c" / name).read_bytes() == \
+            (tmp_path / "zarr.zarr/layers/a/c" / name).read_bytes(), name
+    assert not list((tmp_path / "ours.zarr").rglob("*.partial"))
+    array = zarr.open_array(tmp_path / "ours.zarr/layers/a", mode="r")
+    np.testing.assert_array_equal(array[:], x)
+    assert ChunkFiles.of(array).whole_chunks(12, 11) == 8 and ChunkFiles.of(array).whole_chunks(13, 8) == 0
+
+
+def test_direct_chunk_files_only_for_the_chain_they_reproduce(tmp_path):
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from extract.chunk_files import ChunkFiles
+
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    other = group.create_array("zstd", shape=(8, 3), chunks=(4, 3), dtype="float32", compressors=[ZstdCodec()])
+    grid = group.create_array("grid", shape=(8, 6), chunks=(4, 3), dtype="float32")  # chunked along features too
+    assert ChunkFiles.of(other) is None and ChunkFiles.of(grid) is None
