@@ -1,18 +1,24 @@
-"""Whole chunks of a local Zarr v3 array written straight to their chunk files.
+"""Chunks of a local Zarr v3 array written to and read from their chunk files directly.
 
-``array[a:b] = rows`` runs zarr-python's asyncio codec pipeline: each chunk is
-handed between its event loop and worker threads, copied into a buffer, and
-its checksum appended by a second copy, on the one event-loop thread that every
-write of the process shares. For the chain simtorch writes (``bytes`` →
-``blosc`` → ``crc32c``, little-endian, see ``extract.store``), a local store
-and rows that cover whole chunks, ``ChunkFiles`` does the same encoding with
-numcodecs' Blosc configured from the array's own codec metadata, appends the
-little-endian CRC-32C as zarr's ``crc32c`` codec does, and writes the chunk
-file under the array's chunk key, atomically (a temporary file, then a rename),
-as zarr's ``LocalStore`` does. The files are byte-identical to zarr's
-(``tests/test_store.py``). On the zoo benchmark's stores (1.4 GB) extraction
-took ~0.7 s less. Any other chain, a remote store, or a partial chunk is
-written by zarr.
+``array[a:b] = rows`` and ``array[a:b]`` run zarr-python's asyncio codec
+pipeline: each chunk is handed between its event loop and worker threads and
+copied on the way (decoded into a fresh buffer, then into the result; its
+checksum appended or stripped by another copy). For the chain simtorch writes
+(``bytes`` → ``blosc`` → ``crc32c``, little-endian, see ``extract.store``) on
+a local store, ``ChunkFiles`` does the same work with numcodecs' Blosc
+configured from the array's own codec metadata:
+
+* ``write`` encodes whole chunks, appends the little-endian CRC-32C as zarr's
+  ``crc32c`` codec does, and writes each chunk file under the array's chunk
+  key atomically (a temporary file, then a rename), as zarr's ``LocalStore``
+  does. The files are byte-identical to zarr's (``tests/test_store.py``).
+* ``read`` checks each chunk's CRC-32C and decodes it straight into the
+  caller's rows. It returns False (and the caller reads through zarr, which
+  names a bad chunk or fills a missing one as before) on anything unexpected.
+
+On the zoo benchmark's stores (1.4 GB) extraction took ~0.7 s less and reading
+every layer 0.25 s instead of 0.5-0.9 s. Any other chain, a remote store, or
+a partial chunk is written by zarr.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
 class ChunkFiles:
-    """Writer of whole chunks of one zarr array (chunked along the first axis only) to local files.
+    """Reader and writer of the chunk files of one zarr array (chunked along the first axis only).
 
     Build it with ``ChunkFiles.of(array)``, which returns None when the array is not one it
-    writes exactly as zarr would.
+    reads and writes exactly as zarr would.
     """
 
     def __init__(self, folder: Path, metadata, blosc) -> None:
@@ -75,17 +81,54 @@ class ChunkFiles:
         inside = min(n_rows, self.metadata.shape[0] - start)
         return inside // self.rows * self.rows
 
+    def _path(self, chunk: int, ndim: int) -> Path:
+        return self.folder / self.metadata.encode_chunk_key((chunk, *(0,) * (ndim - 1)))
+
+    def read(self, start: int, out: np.ndarray) -> bool:
+        """Decode rows ``start : start + len(out)`` into ``out`` (C-contiguous, the array's dtype); True if done.
+
+        False, with ``out`` partly written, when a chunk file is missing, fails its CRC-32C or does not
+        decode to a whole chunk: the caller then reads through zarr, which raises or fills as it does.
+        """
+        import crc32c
+
+        stop = start + len(out)
+        if (out.dtype != self.dtype or not out.flags.c_contiguous or stop > self.metadata.shape[0]
+                or out.shape[1:] != tuple(self.metadata.shape[1:])):
+            return False
+        flat = out.reshape(len(out), int(np.prod(out.shape[1:], dtype=np.int64))).view(np.uint8)
+        spare = None
+        for chunk in range(start // self.rows, -(-stop // self.rows)):
+            try:
+                raw = self._path(chunk, out.ndim).read_bytes()
+            except OSError:
+                return False
+            data = memoryview(raw)[:-4]
+            if len(raw) < 4 or crc32c.crc32c(data) != int.from_bytes(raw[-4:], "little"):
+                return False
+            lo, hi = max(start, chunk * self.rows), min(stop, (chunk + 1) * self.rows)
+            try:
+                if (lo, hi) == (chunk * self.rows, (chunk + 1) * self.rows):  # a whole chunk: decoded in place
+                    self.blosc.decode(data, out=flat[lo - start:hi - start].reshape(-1))
+                else:  # the chunk's rows we need are fewer than it holds (zarr pads the edge chunk)
+                    if spare is None:
+                        spare = np.empty((self.rows, flat.shape[1]), np.uint8)
+                    self.blosc.decode(data, out=spare.reshape(-1))
+                    first = lo - chunk * self.rows
+                    flat[lo - start:hi - start] = spare[first:first + hi - lo]
+            except (RuntimeError, ValueError):  # numcodecs: corrupt data or a size that is not a whole chunk
+                return False
+        return True
+
     def write(self, start: int, block: np.ndarray) -> None:
         """Write rows ``block`` (whole chunks, from chunk boundary ``start``) as the chunks' files."""
         import crc32c
 
         block = np.ascontiguousarray(block, dtype=self.dtype)
-        rest = (0,) * (block.ndim - 1)
         for offset in range(0, len(block), self.rows):
             encoded = self.blosc.encode(block[offset:offset + self.rows].reshape(-1).view(np.uint8))  # as zarr
             checksum = crc32c.crc32c(encoded).to_bytes(4, "little")
-            key = self.metadata.encode_chunk_key(((start + offset) // self.rows, *rest))
-            path = self.folder / key
+            path = self._path((start + offset) // self.rows, block.ndim)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
             try:

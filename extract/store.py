@@ -361,6 +361,7 @@ class ZarrStore(ActivationStore):
 
         self._check_writable()
         self.__dict__.get("_writable", {}).pop(key, None)
+        self.__dict__.get("_files", {}).pop(key, None)
         self._group.create_array(
             key,
             shape=shape,
@@ -397,22 +398,33 @@ class ZarrStore(ActivationStore):
             # write_empty_chunks is a runtime setting that zarr does not store with the array: reopened
             # without it, an all-zero chunk (a dead ReLU layer) would not be written, and the complete
             # store would then read as missing that chunk
-            array = self._group[key].with_config({"write_empty_chunks": True})
-            arrays[key] = (array, ChunkFiles.of(array))
-        array, chunk_files = arrays[key]
+            arrays[key] = self._group[key].with_config({"write_empty_chunks": True})
+        array = arrays[key]
+        chunk_files = self._chunk_files(key, array)
         whole = chunk_files.whole_chunks(start, len(block)) if chunk_files is not None else 0
         if whole:  # whole chunks of a local store: encoded and written directly (extract.chunk_files)
             chunk_files.write(start, block[:whole])
         if whole < len(block):
             array[start + whole : start + len(block)] = block[whole:]
 
+    def _chunk_files(self, key: str, array) -> ChunkFiles | None:
+        """Direct access to the chunk files of ``key`` (``extract.chunk_files``), or None: through zarr."""
+        found = self.__dict__.setdefault("_files", {})
+        if key not in found:
+            found[key] = ChunkFiles.of(array)
+        return found[key]
+
     def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         array = self._array(key)
         stop = array.shape[0] if stop is None else stop
         self._check_chunks_present(key, array)
+        if out is None:  # rows past the end are left out, as slicing does
+            out = np.empty((max(0, min(stop, array.shape[0]) - start), *array.shape[1:]), dtype=np.dtype(array.dtype))
+            stop = start + len(out)
+        files = self._chunk_files(key, array)
+        if files is not None and files.read(start, out):  # chunk files decoded straight into ``out``
+            return out
         try:
-            if out is None:
-                return np.asarray(array[start:stop])
             from zarr.core.buffer.cpu import NDBuffer  # zarr decodes chunk by chunk into it
 
             array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))

@@ -228,3 +228,42 @@ def test_direct_chunk_files_only_for_the_chain_they_reproduce(tmp_path):
     other = group.create_array("zstd", shape=(8, 3), chunks=(4, 3), dtype="float32", compressors=[ZstdCodec()])
     grid = group.create_array("grid", shape=(8, 6), chunks=(4, 3), dtype="float32")  # chunked along features too
     assert ChunkFiles.of(other) is None and ChunkFiles.of(grid) is None
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 23), (0, 8), (3, 9), (5, 23), (20, 23), (7, 7)])
+def test_direct_chunk_reads_match_the_rows(tmp_path, start, stop):
+    # ZarrStore.read decodes chunk files straight into the result (extract.chunk_files), zarr only as fallback
+    import zarr
+
+    from extract.chunk_files import ChunkFiles
+
+    x = np.random.default_rng(6).standard_normal((23, 6, 5)).astype(np.float32)
+    store = ZarrStore(tmp_path / "s.zarr", read_only=False, create=True)
+    store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=23, chunk_samples=4))
+    store.create_array("layers/a", x.shape, "float32", 4)
+    zarr.open_array(tmp_path / "s.zarr/layers/a", mode="r+")[:] = x  # written by zarr, read by ChunkFiles
+    files = ChunkFiles.of(zarr.open_array(tmp_path / "s.zarr/layers/a", mode="r"))
+    out = np.full((stop - start, 6, 5), np.nan, np.float32)
+    assert files.read(start, out)
+    np.testing.assert_array_equal(out, x[start:stop])
+    np.testing.assert_array_equal(store.read("layers/a", start, stop), x[start:stop])
+    assert not files.read(start, np.empty((stop - start, 6, 5), np.float64))  # another dtype: zarr converts
+    assert not files.read(20, np.empty((5, 6, 5), np.float32))  # past the end
+
+
+def test_direct_chunk_reads_give_way_to_zarr_on_a_bad_chunk(tmp_path):
+    import zarr
+
+    from extract.chunk_files import ChunkFiles
+
+    path, x = _complete_store(tmp_path)
+    files = ChunkFiles.of(zarr.open_array(path / "layers/conv", mode="r"))
+    out = np.empty((16, *x.shape[1:]), np.float32)
+    assert files.read(0, out)
+    chunk_file = path / "layers" / "conv" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk_file.write_bytes(bytes(raw))
+    assert not files.read(0, out)  # CRC-32C mismatch
+    chunk_file.unlink()
+    assert not files.read(0, out)  # missing file
