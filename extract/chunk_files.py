@@ -4,16 +4,17 @@
 pipeline: each chunk is handed between its event loop and worker threads and
 copied on the way (decoded into a fresh buffer, then into the result; its
 checksum appended or stripped by another copy). For the chain simtorch writes
-(``bytes`` → ``blosc`` → ``crc32c``, little-endian, see ``extract.store``) on
-a local store, ``ChunkFiles`` does the same work with numcodecs' Blosc
-configured from the array's own codec metadata:
+(``bytes`` → ``blosc`` → ``crc32c``, little-endian, see ``extract.store``;
+``bytes`` → ``crc32c`` for the statistics cache, ``measure.cache``) on a local
+store, ``ChunkFiles`` does the same work, with numcodecs' Blosc configured from
+the array's own codec metadata:
 
 * ``write`` encodes whole chunks, appends the little-endian CRC-32C as zarr's
   ``crc32c`` codec does, and writes each chunk file under the array's chunk
   key atomically (a temporary file, then a rename), as zarr's ``LocalStore``
   does. The files are byte-identical to zarr's (``tests/test_store.py``).
-* ``read`` checks each chunk's CRC-32C and decodes it straight into the
-  caller's rows. It returns False (and the caller reads through zarr, which
+* ``read`` checks each chunk's CRC-32C and decodes it (or, uncompressed, reads
+  it) straight into the caller's rows. It returns False (and the caller reads through zarr, which
   names a bad chunk or fills a missing one as before) on anything unexpected.
 
 On the zoo benchmark's stores (1.4 GB) extraction took ~0.7 s less and reading
@@ -56,22 +57,24 @@ class ChunkFiles:
 
         metadata = array.metadata
         store = array.store_path.store
-        if getattr(metadata, "zarr_format", None) != 3 or not isinstance(store, LocalStore):
+        if getattr(metadata, "zarr_format", None) != 3 or not isinstance(store, LocalStore) or not metadata.shape:
             return None
         codecs = metadata.codecs
-        if [type(c) for c in codecs] != [BytesCodec, BloscCodec, Crc32cCodec]:
+        if [type(c) for c in codecs] not in ([BytesCodec, BloscCodec, Crc32cCodec], [BytesCodec, Crc32cCodec]):
             return None
-        order, blosc = codecs[0], codecs[1]
-        if order.endian is not None and order.endian.value != "little":
+        if codecs[0].endian is not None and codecs[0].endian.value != "little":
             return None
         if tuple(metadata.chunk_grid.chunk_shape[1:]) != tuple(metadata.shape[1:]):
             return None  # chunked along more than the sample axis
-        settings = {"cname": blosc.cname.value, "clevel": blosc.clevel, "shuffle": _SHUFFLE[blosc.shuffle.value],
-                    "blocksize": blosc.blocksize}
-        try:  # numcodecs ≥ 0.16 takes the typesize, and zarr then passes it; older ones take it from the bytes
-            numcodec = Blosc(**settings, typesize=blosc.typesize)
-        except TypeError:
-            numcodec = Blosc(**settings)
+        numcodec = None
+        if len(codecs) == 3:
+            blosc = codecs[1]
+            settings = {"cname": blosc.cname.value, "clevel": blosc.clevel,
+                        "shuffle": _SHUFFLE[blosc.shuffle.value], "blocksize": blosc.blocksize}
+            try:  # numcodecs ≥ 0.16 takes the typesize, and zarr then passes it; older ones take it from the bytes
+                numcodec = Blosc(**settings, typesize=blosc.typesize)
+            except TypeError:
+                numcodec = Blosc(**settings)
         return cls(Path(store.root) / array.store_path.path, metadata, numcodec)
 
     def whole_chunks(self, start: int, n_rows: int) -> int:
@@ -90,8 +93,6 @@ class ChunkFiles:
         False, with ``out`` partly written, when a chunk file is missing, fails its CRC-32C or does not
         decode to a whole chunk: the caller then reads through zarr, which raises or fills as it does.
         """
-        import crc32c
-
         stop = start + len(out)
         if (out.dtype != self.dtype or not out.flags.c_contiguous or stop > self.metadata.shape[0]
                 or out.shape[1:] != tuple(self.metadata.shape[1:])):
@@ -99,25 +100,39 @@ class ChunkFiles:
         flat = out.reshape(len(out), int(np.prod(out.shape[1:], dtype=np.int64))).view(np.uint8)
         spare = None
         for chunk in range(start // self.rows, -(-stop // self.rows)):
-            try:
-                raw = self._path(chunk, out.ndim).read_bytes()
-            except OSError:
-                return False
-            data = memoryview(raw)[:-4]
-            if len(raw) < 4 or crc32c.crc32c(data) != int.from_bytes(raw[-4:], "little"):
-                return False
             lo, hi = max(start, chunk * self.rows), min(stop, (chunk + 1) * self.rows)
-            try:
-                if (lo, hi) == (chunk * self.rows, (chunk + 1) * self.rows):  # a whole chunk: decoded in place
-                    self.blosc.decode(data, out=flat[lo - start:hi - start].reshape(-1))
-                else:  # the chunk's rows we need are fewer than it holds (zarr pads the edge chunk)
-                    if spare is None:
-                        spare = np.empty((self.rows, flat.shape[1]), np.uint8)
-                    self.blosc.decode(data, out=spare.reshape(-1))
-                    first = lo - chunk * self.rows
-                    flat[lo - start:hi - start] = spare[first:first + hi - lo]
-            except (RuntimeError, ValueError):  # numcodecs: corrupt data or a size that is not a whole chunk
-                return False
+            if (lo, hi) == (chunk * self.rows, (chunk + 1) * self.rows):  # a whole chunk: decoded in place
+                if not self._decode(chunk, out.ndim, flat[lo - start:hi - start].reshape(-1)):
+                    return False
+            else:  # fewer rows than the chunk holds (zarr pads the edge chunk)
+                if spare is None:
+                    spare = np.empty((self.rows, flat.shape[1]), np.uint8)
+                if not self._decode(chunk, out.ndim, spare.reshape(-1)):
+                    return False
+                first = lo - chunk * self.rows
+                flat[lo - start:hi - start] = spare[first:first + hi - lo]
+        return True
+
+    def _decode(self, chunk: int, ndim: int, dest: np.ndarray) -> bool:
+        """Chunk ``chunk`` into the bytes ``dest`` (exactly one chunk long) after checking its CRC-32C."""
+        import crc32c
+
+        path = self._path(chunk, ndim)
+        try:
+            if self.blosc is None:  # stored as is: read straight into dest
+                with open(path, "rb") as handle:
+                    size, tail = handle.readinto(dest), handle.read()
+                return size == dest.nbytes and len(tail) == 4 and crc32c.crc32c(dest) == int.from_bytes(tail, "little")
+            raw = path.read_bytes()
+        except OSError:
+            return False
+        data = memoryview(raw)[:-4]
+        if len(raw) < 4 or crc32c.crc32c(data) != int.from_bytes(raw[-4:], "little"):
+            return False
+        try:
+            self.blosc.decode(data, out=dest)
+        except (RuntimeError, ValueError):  # numcodecs: not a blosc frame, or not one chunk long
+            return False
         return True
 
     def write(self, start: int, block: np.ndarray) -> None:
@@ -126,7 +141,8 @@ class ChunkFiles:
 
         block = np.ascontiguousarray(block, dtype=self.dtype)
         for offset in range(0, len(block), self.rows):
-            encoded = self.blosc.encode(block[offset:offset + self.rows].reshape(-1).view(np.uint8))  # as zarr
+            rows = block[offset:offset + self.rows].reshape(-1).view(np.uint8)
+            encoded = rows if self.blosc is None else self.blosc.encode(rows)  # the uint8 view, as zarr passes it
             checksum = crc32c.crc32c(encoded).to_bytes(4, "little")
             path = self._path((start + offset) // self.rows, block.ndim)
             path.parent.mkdir(parents=True, exist_ok=True)

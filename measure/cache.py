@@ -44,6 +44,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from extract.chunk_files import ChunkFiles
 from extract.store import ActivationStore
 
 __all__ = ["CACHE_NAME", "StatisticsCache", "default_cache_path", "store_identity"]
@@ -62,6 +63,26 @@ def _digest(obj: Any) -> str:
 def _checksum(value: np.ndarray) -> int:
     """CRC-32C of the statistic's bytes (catches a missing, truncated or swapped chunk; ~30× faster than SHA-256)."""
     return crc32c.crc32c(memoryview(np.ascontiguousarray(value)).cast("B"))
+
+
+def _read(array) -> np.ndarray:
+    """The entry's values: its chunk files read straight into the result (``extract.chunk_files``), else zarr."""
+    files = ChunkFiles.of(array)
+    if files is not None and array.dtype == np.float64:
+        out = np.empty(array.shape, np.float64)
+        if files.read(0, out):
+            return out
+    return np.asarray(array[...], dtype=np.float64)
+
+
+def _write(array, value: np.ndarray) -> None:
+    """Fill a new entry: whole chunks straight to their files (byte-identical to zarr's), the rest by zarr."""
+    files = ChunkFiles.of(array)
+    whole = files.whole_chunks(0, len(value)) if files is not None else 0
+    if whole:
+        files.write(0, value[:whole])
+    if whole < (len(value) if value.ndim else 1):
+        array[whole:] = value[whole:]
 
 
 def store_identity(store: ActivationStore) -> str:
@@ -182,7 +203,7 @@ class StatisticsCache:
             attrs = dict(array.attrs.get(ATTRS_KEY, {}))
             if attrs.get("complete") and attrs.get("meta") == json.loads(json.dumps(meta, default=str)):
                 try:
-                    data = np.asarray(array[...], dtype=np.float64)
+                    data = _read(array)
                 except Exception as exc:  # a damaged chunk fails its crc32c check: recompute
                     warnings.warn(f"Cache entry {key[:12]} of {self.path} is unreadable ({exc}); recomputing it.",
                                   stacklevel=2)
@@ -217,7 +238,7 @@ class StatisticsCache:
                 fill_value=0.0, overwrite=True, config={"write_empty_chunks": True},  # no all-equal scan
             )
             array.attrs[ATTRS_KEY] = {"complete": False, "meta": meta, "source": _store_source(store)}
-            array[...] = value
+            _write(array, value)
             array.attrs[ATTRS_KEY] = {"complete": True, "meta": meta, "source": _store_source(store),
                                       "crc32c": _checksum(value)}
         except (OSError, PermissionError) as exc:

@@ -145,12 +145,12 @@ from extract.store import ZarrStore
 from measure.cache import StatisticsCache
 cache = StatisticsCache({str(tmp_path / 'c.zarr')!r})
 store = ZarrStore({str(paths[0])!r})
-import zarr
-original = zarr.Array.__setitem__
-def die_after_data(self, key, value):
-    original(self, key, value)
+import measure.cache
+original = measure.cache._write
+def die_after_data(array, value):
+    original(array, value)
     os._exit(9)
-zarr.Array.__setitem__ = die_after_data
+measure.cache._write = die_after_data
 cache.put(store, "0", np.ones((48, 48)))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True)
@@ -229,3 +229,27 @@ def test_each_store_layer_statistic_is_computed_once_for_all_pairs_and_measures(
     results = engine.run([("cka", {}), ("cka_debiased", {}), ("dcka", {})], pairs)
     assert len(results) == 3 * 16 and engine.statistics_computed == 4 * 2
     assert len(engine._grams) == 4 * 2  # memory held: one Gram per (store, layer), not per pair
+
+
+def test_entries_over_several_chunks_are_plain_zarr(tmp_path, monkeypatch):
+    # entries are written and read through their chunk files (extract.chunk_files); zarr must agree
+    import zarr
+
+    import measure.cache
+
+    monkeypatch.setattr(measure.cache, "CHUNK_BYTES", 7 * N * 8)  # 7 rows a chunk: 6 whole chunks, a partial one
+    paths = make_zoo(tmp_path, [0])
+    store = ZarrStore(paths[0])
+    value = np.random.default_rng(3).standard_normal((N, N))
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    cache.put(store, "0", value)
+    array = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")[f"{ENTRIES}/{cache.key(store, '0')}"]
+    assert array.chunks == (7, N)
+    np.testing.assert_array_equal(array[...], value)
+    np.testing.assert_array_equal(StatisticsCache(tmp_path / "c.zarr").get(store, "0"), value)
+    chunk_file = Path(array.store_path.store.root) / array.store_path.path / "c" / "2" / "0"
+    raw = bytearray(chunk_file.read_bytes())
+    raw[10] ^= 0x01
+    chunk_file.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert StatisticsCache(tmp_path / "c.zarr").get(store, "0") is None  # a flipped bit: recomputed
