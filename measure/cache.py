@@ -133,6 +133,7 @@ class StatisticsCache:
         self._group = None
         self._writable = False
         self._evicted: set[str] = set()
+        self._found: dict[str, tuple[Any, dict[str, Any]]] = {}  # entries ``contains`` found, for ``get``
 
     def __repr__(self) -> str:
         return f"StatisticsCache({self.path!r})"
@@ -192,24 +193,44 @@ class StatisticsCache:
             return None
         return node if hasattr(node, "shape") else None
 
+    def _complete_entry(self, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        """(array, attributes) of the entry for ``meta`` when it exists and is marked complete for it."""
+        known = self._found.pop(_digest(meta), None)  # found by ``contains`` just before: not looked up twice
+        if known is not None:
+            return known
+        array = self._entry(_digest(meta))
+        if array is None:
+            return None
+        attrs = dict(array.attrs.get(ATTRS_KEY, {}))
+        if attrs.get("complete") and attrs.get("meta") == json.loads(json.dumps(meta, default=str)):
+            return array, attrs
+        return None
+
+    def contains(self, store: ActivationStore, layer: str | None, kind: str = "gram",
+                 options: dict[str, Any] | None = None) -> bool:
+        """Whether a complete entry exists (its data is checked only by ``get``); counts nothing."""
+        meta = self.meta(store, layer, kind, options)
+        found = self._complete_entry(meta)
+        if found is not None:
+            self._found[_digest(meta)] = found
+        return found is not None
+
     def get(self, store: ActivationStore, layer: str | None, kind: str = "gram",
             options: dict[str, Any] | None = None) -> np.ndarray | None:
         """The cached statistic, or None when absent, incomplete, stale or damaged."""
         meta = self.meta(store, layer, kind, options)
-        key = _digest(meta)
-        array = self._entry(key)
+        found = self._complete_entry(meta)
         value = None
-        if array is not None:
-            attrs = dict(array.attrs.get(ATTRS_KEY, {}))
-            if attrs.get("complete") and attrs.get("meta") == json.loads(json.dumps(meta, default=str)):
-                try:
-                    data = _read(array)
-                except Exception as exc:  # a damaged chunk fails its crc32c check: recompute
-                    warnings.warn(f"Cache entry {key[:12]} of {self.path} is unreadable ({exc}); recomputing it.",
-                                  stacklevel=2)
-                    data = None
-                if data is not None and _checksum(data) == attrs.get("crc32c"):
-                    value = data
+        if found is not None:
+            array, attrs = found
+            try:
+                data = _read(array)
+            except Exception as exc:  # a damaged chunk fails its crc32c check: recompute
+                warnings.warn(f"Cache entry {_digest(meta)[:12]} of {self.path} is unreadable ({exc}); "
+                              "recomputing it.", stacklevel=2)
+                data = None
+            if data is not None and _checksum(data) == attrs.get("crc32c"):
+                value = data
         with self._count_lock:
             if value is None:
                 self.misses += 1

@@ -171,6 +171,7 @@ class Engine:
         self.undefined = undefined
         self._progress = progress or (lambda message: None)
         self._grams: dict[tuple[int, str], torch.Tensor] = {}
+        self._reloadable: set[tuple[int, str]] = set()  # Grams the persistent cache holds
         self._confounder: torch.Tensor | None = None
         self._moments: dict[tuple[int, int], dict[str, Any]] = {}  # feature-route CKA moments per store pair
         self.statistics_computed = 0  # count of per-layer statistics built (for tests and reports)
@@ -181,24 +182,32 @@ class Engine:
         self.ensure_grams([(s, layer)])
         return self._grams[(s, layer)]
 
-    def ensure_grams(self, keys: Iterable[tuple[int, str]]) -> None:
+    def ensure_grams(self, keys: Iterable[tuple[int, str]], load: bool = True) -> None:
         """Load or compute the Grams of (store index, layer) ``keys``, in order.
 
-        Cached Grams are loaded; the others are computed by ``layer_grams``, which reads the next
-        layer while the current one is multiplied.
+        Cached Grams are loaded (with ``load=False`` only found: ``gram`` loads them when asked);
+        the others are computed by ``layer_grams``, which reads the next layer while the current
+        one is multiplied, and cached.
         """
         wanted = [key for key in dict.fromkeys(keys) if key not in self._grams]
         hits = [None] * len(wanted)
         if self.cache is not None and wanted:
-            with ThreadPoolExecutor(max_workers=4) as pool:  # Zarr reads and digests release the GIL
-                hits = list(pool.map(lambda key: self.cache.get(self.stores[key[0]], key[1], "gram",
-                                                                self.gram_options), wanted))
+            def look(key: tuple[int, str]) -> Any:
+                store, layer = self.stores[key[0]], key[1]
+                if load:
+                    return self.cache.get(store, layer, "gram", self.gram_options)
+                return self.cache.contains(store, layer, "gram", self.gram_options) or None
+
+            with ThreadPoolExecutor(max_workers=4) as pool:  # Zarr reads and checksums release the GIL
+                hits = list(pool.map(look, wanted))
         missing = []
         for key, hit in zip(wanted, hits):
-            if hit is not None:
-                self._grams[key] = torch.from_numpy(hit).to(self.device)
-            else:
+            if hit is None:
                 missing.append(key)
+                continue
+            self._reloadable.add(key)
+            if load:
+                self._grams[key] = torch.from_numpy(hit).to(self.device)
         jobs = [(self.stores[s], layer) for s, layer in missing]
         with ThreadPoolExecutor(max_workers=1) as writer:  # cache writes overlap the next Gram's product
             written = []
@@ -210,8 +219,15 @@ class Engine:
                                                  self.gram_options))
                 self._grams[(s, layer)] = gram
                 self._progress(f"gram {self.stores[s].name}/{layer}")
-            for future in written:
-                future.result()  # a failed write stops the run here, as it would have inline
+            for key, future in zip(missing, written):
+                if future.result():  # a failed write stops the run here, as it would have inline
+                    self._reloadable.add(key)
+
+    def release_grams(self, s: int) -> None:
+        """Forget the Grams of store ``s`` that the persistent cache holds (``gram`` reloads them when asked)."""
+        for layer in self.layers[s]:
+            if (s, layer) in self._reloadable:
+                self._grams.pop((s, layer), None)
 
     @property
     def gram_options(self) -> dict[str, Any] | None:
@@ -288,14 +304,22 @@ class Engine:
         return PreparedLayers(items, out=out)  # stacked once: each pair is then a matrix product, no copies
 
     def prepare_together(self, spec: MeasureSpec, options: dict[str, Any],
-                         stores: Sequence[int]) -> dict[int, list[Any]]:
+                         stores: Sequence[int], release: bool = False) -> dict[int, list[Any]]:
         """``prepared`` of each store, stacked into one ``SharedProducts`` multiplied once when the
-        measure is bilinear (``Prepared`` items): every pair of these stores is then a slice of it."""
+        measure is bilinear (``Prepared`` items): every pair of these stores is then a slice of it.
+
+        ``release``: forget each store's cached Grams once it is prepared (``release_grams``), so the
+        next store's Grams are loaded into memory already in use rather than fresh pages.
+        """
         out: dict[int, list[Any]] = {}
         group: SharedProducts | None = None
         total = sum(len(self.layers[s]) for s in stores)
         for s in stores:
+            if spec.statistic == "gram":  # this store's Grams (the cached ones are loaded now, together)
+                self.ensure_grams((s, layer) for layer in self.layers[s])
             layers = self.prepared(spec, options, s, out=group.block(len(self.layers[s])) if group else None)
+            if release:
+                self.release_grams(s)
             if group is None and len(stores) > 1 and layers.stacked:
                 group = SharedProducts(total, layers)  # the first store, restacked into the group's rows
                 layers = PreparedLayers(list(layers), out=group.block(len(layers)))
@@ -344,14 +368,17 @@ class Engine:
         measures = [(get_measure(name), given) for name, given in measures]
         for spec, _ in measures:
             self.check_precision(spec)
-        for spec, given in measures:
+        last_gram = max((k for k, (spec, _) in enumerate(measures) if spec.statistic == "gram"), default=-1)
+        for index, (spec, given) in enumerate(measures):
             name = spec.name
             options = spec.resolve_options(given)
             kernel_stores = list(dict.fromkeys(s for i, j in pairs if self.route(spec, options, i, j) == "gram"
                                                for s in (i, j)))
-            if spec.statistic == "gram":  # every Gram the pairs need, read ahead in the order they are used
-                self.ensure_grams((s, layer) for s in kernel_stores for layer in self.layers[s])
-            cache = self.prepare_together(spec, options, kernel_stores)
+            if spec.statistic == "gram":  # every missing Gram, computed in the order used (read ahead); the
+                # cached ones are loaded store by store as they are prepared, and after the last measure
+                # that needs them released again, so a zoo's Grams are never all held at once
+                self.ensure_grams(((s, layer) for s in kernel_stores for layer in self.layers[s]), load=False)
+            cache = self.prepare_together(spec, options, kernel_stores, release=index == last_gram)
             for i, j in pairs:
                 if self.route(spec, options, i, j) == "features":
                     matrix, extras = self._feature_matrix(spec, i, j), {"route": "features"}

@@ -253,3 +253,24 @@ def test_entries_over_several_chunks_are_plain_zarr(tmp_path, monkeypatch):
     chunk_file.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="unreadable"):
         assert StatisticsCache(tmp_path / "c.zarr").get(store, "0") is None  # a flipped bit: recomputed
+
+
+def test_cached_grams_are_loaded_once_per_run_and_released_after_the_last_gram_measure(tmp_path):
+    paths = make_zoo(tmp_path, [0, 1, 2])
+    measures = (("cka", {"route": "gram"}), ("cka_rbf", {}), ("cka_debiased", {"route": "gram"}))
+    reference = _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu"), measures)
+    first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
+    _all_pairs(first, measures)
+    assert first.statistics_computed == 6 and not first._grams  # computed, cached, then released
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    warm = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    results = _all_pairs(warm, measures)
+    assert warm.statistics_computed == 0 and cache.hits == 6 and cache.misses == 0  # each Gram loaded once
+    assert not warm._grams
+    assert results.keys() == reference.keys()
+    for key, matrix in results.items():
+        np.testing.assert_allclose(matrix, reference[key], rtol=1e-12, atol=1e-12, err_msg=str(key))
+    np.testing.assert_allclose(warm.gram(1, "0").numpy(), _reference_gram(paths[1], "0"), rtol=1e-12, atol=1e-9)
+    uncached = Engine([ZarrStore(p) for p in paths], device="cpu")
+    _all_pairs(uncached, measures)
+    assert len(uncached._grams) == 6  # nothing to reload them from: kept
