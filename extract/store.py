@@ -14,7 +14,9 @@ simtorch::
 
 Every array is chunked along the sample axis only, with one chunk length per
 store, and encoded ``bytes -> blosc(lz4, clevel 5, no shuffle) -> crc32c`` so
-that a flipped bit is caught on read.
+that a flipped bit is caught on read. On a local disk, whole chunks of that
+chain are written and read by ``extract.chunk_files`` (the same bytes as zarr's,
+without its per-chunk copies); everything else goes through zarr.
 
 Codec choice (``benchmarks/bench_extract.py --codecs-only --stores DIR``):
 every layer of the five demo stores (30.7 MB) / an untrained VGG-style CNN
