@@ -81,7 +81,7 @@ class ChunkFiles:
         """How many of ``n_rows`` rows from ``start`` lie in whole chunks this writer can write (from start)."""
         if start % self.rows:
             return 0
-        inside = min(n_rows, self.metadata.shape[0] - start)
+        inside = max(0, min(n_rows, self.metadata.shape[0] - start))  # rows past the end: zarr refuses them
         return inside // self.rows * self.rows
 
     def _path(self, chunk: int, ndim: int) -> Path:
@@ -130,8 +130,12 @@ class ChunkFiles:
         if len(raw) < 4 or crc32c.crc32c(data) != int.from_bytes(raw[-4:], "little"):
             return False
         try:
+            # a valid frame of another size would decode into part of dest without a word: the Blosc
+            # header (16 bytes) holds the decoded size, little-endian, at bytes 4-7
+            if len(data) < 16 or int.from_bytes(data[4:8], "little") != dest.nbytes:
+                return False
             self.blosc.decode(data, out=dest)
-        except (RuntimeError, ValueError):  # numcodecs: not a blosc frame, or not one chunk long
+        except (RuntimeError, ValueError):  # numcodecs: not a blosc frame
             return False
         return True
 

@@ -424,7 +424,7 @@ class ZarrStore(ActivationStore):
             out = np.empty((max(0, min(stop, array.shape[0]) - start), *array.shape[1:]), dtype=np.dtype(array.dtype))
             stop = start + len(out)
         files = self._chunk_files(key, array)
-        if files is not None and files.read(start, out):  # chunk files decoded straight into ``out``
+        if files is not None and len(out) == stop - start and files.read(start, out):  # decoded straight into out
             return out
         try:
             from zarr.core.buffer.cpu import NDBuffer  # zarr decodes chunk by chunk into it

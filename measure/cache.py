@@ -77,11 +77,13 @@ def _read(array) -> np.ndarray:
 
 def _write(array, value: np.ndarray) -> None:
     """Fill a new entry: whole chunks straight to their files (byte-identical to zarr's), the rest by zarr."""
-    files = ChunkFiles.of(array)
+    files = ChunkFiles.of(array) if value.ndim else None
     whole = files.whole_chunks(0, len(value)) if files is not None else 0
     if whole:
         files.write(0, value[:whole])
-    if whole < (len(value) if value.ndim else 1):
+    if not value.ndim:
+        array[...] = value
+    elif whole < len(value):
         array[whole:] = value[whole:]
 
 
@@ -248,6 +250,7 @@ class StatisticsCache:
         value = np.ascontiguousarray(value, dtype=np.float64)
         meta = self.meta(store, layer, kind, options)
         key = _digest(meta)
+        self._found.pop(key, None)  # whatever ``contains`` saw is being replaced
         try:
             group = self._open(create=True)
             self.evict_stale(store)

@@ -228,9 +228,11 @@ def _run_measure(args: argparse.Namespace) -> int:
         with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
             if client is not None or getattr(args, "scheduler", None) == "threads":
                 compute_grams(engine, measures, client=client, storage_options=storage_options, device=args.device)
-        for name, options in measures:
+        last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
+                        default=-1)
+        for k, (name, options) in enumerate(measures):
             pairs = store_pairs(n_stores, get_measure(name).symmetric)
-            results.extend(engine.run([(name, options)], pairs))
+            results.extend(engine.run([(name, options)], pairs, release=k >= last_gram))  # Grams kept for later
         add_statistics(engine, results, n_permutations=getattr(args, "permutations", 0),
                        n_resamples=getattr(args, "bootstrap", 0), level=getattr(args, "ci_level", 0.95),
                        seed=getattr(args, "seed", 0))

@@ -204,6 +204,7 @@ class Engine:
         for key, hit in zip(wanted, hits):
             if hit is None:
                 missing.append(key)
+                self._reloadable.discard(key)  # found earlier but gone or damaged now: reloadable once rewritten
                 continue
             self._reloadable.add(key)
             if load:
@@ -362,8 +363,12 @@ class Engine:
 
     # ------------------------------------------------------------------ pairs
     def run(self, measures: Iterable[tuple[str, dict[str, Any]]],
-            pairs: Sequence[tuple[int, int]]) -> list[PairResult]:
-        """Every measure on every pair (i, j) of store indices."""
+            pairs: Sequence[tuple[int, int]], release: bool = True) -> list[PairResult]:
+        """Every measure on every pair (i, j) of store indices.
+
+        ``release``: after the last measure that uses Grams, forget the ones the persistent cache
+        holds (``release_grams``); pass False when a later ``run`` of this engine needs them again.
+        """
         results = []
         measures = [(get_measure(name), given) for name, given in measures]
         for spec, _ in measures:
@@ -378,7 +383,7 @@ class Engine:
                 # cached ones are loaded store by store as they are prepared, and after the last measure
                 # that needs them released again, so a zoo's Grams are never all held at once
                 self.ensure_grams(((s, layer) for s in kernel_stores for layer in self.layers[s]), load=False)
-            cache = self.prepare_together(spec, options, kernel_stores, release=index == last_gram)
+            cache = self.prepare_together(spec, options, kernel_stores, release=release and index == last_gram)
             for i, j in pairs:
                 if self.route(spec, options, i, j) == "features":
                     matrix, extras = self._feature_matrix(spec, i, j), {"route": "features"}

@@ -274,3 +274,29 @@ def test_cached_grams_are_loaded_once_per_run_and_released_after_the_last_gram_m
     uncached = Engine([ZarrStore(p) for p in paths], device="cpu")
     _all_pairs(uncached, measures)
     assert len(uncached._grams) == 6  # nothing to reload them from: kept
+
+
+def test_cli_loads_each_cached_gram_once_across_measures(tmp_path, capsys):
+    # the CLI runs the engine once per measure: Grams are kept until the last measure that needs them
+    from pipeline import main
+
+    make_zoo(tmp_path / "zoo", [0, 1])
+    args = ["measure", str(tmp_path / "zoo"), "--measures", "cka", "cka_rbf", "cka_debiased", "--out",
+            str(tmp_path / "res"), "--no-plots", "--no-report"]
+    assert main(args) == 0
+    assert "statistics: 4 computed, 0 reused" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "statistics: 0 computed, 4 reused" in capsys.readouterr().out
+
+
+def test_scalar_entries_and_rewritten_entries(tmp_path):
+    paths = make_zoo(tmp_path, [0])
+    store = ZarrStore(paths[0])
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    assert cache.put(store, "0", np.float64(2.5), "scalar")
+    assert StatisticsCache(tmp_path / "c.zarr").get(store, "0", "scalar") == 2.5
+    value = np.arange(N * N, dtype=np.float64).reshape(N, N)
+    cache.put(store, "0", value)
+    assert cache.contains(store, "0")  # remembered for the get that follows...
+    cache.put(store, "0", value + 1)  # ...but the entry is rewritten before it
+    np.testing.assert_array_equal(cache.get(store, "0"), value + 1)

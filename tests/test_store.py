@@ -215,7 +215,9 @@ def test_direct_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype):
     assert not list((tmp_path / "ours.zarr").rglob("*.partial"))
     array = zarr.open_array(tmp_path / "ours.zarr/layers/a", mode="r")
     np.testing.assert_array_equal(array[:], x)
-    assert ChunkFiles.of(array).whole_chunks(12, 11) == 8 and ChunkFiles.of(array).whole_chunks(13, 8) == 0
+    files = ChunkFiles.of(array)
+    assert files.whole_chunks(12, 11) == 8 and files.whole_chunks(13, 8) == 0
+    assert files.whole_chunks(24, 8) == 0  # past the end: left to zarr, which refuses it
 
 
 def test_direct_chunk_files_only_for_the_chain_they_reproduce(tmp_path):
@@ -265,5 +267,11 @@ def test_direct_chunk_reads_give_way_to_zarr_on_a_bad_chunk(tmp_path):
     raw[len(raw) // 2] ^= 0x10
     chunk_file.write_bytes(bytes(raw))
     assert not files.read(0, out)  # CRC-32C mismatch
+    import crc32c
+    import numcodecs
+
+    short = numcodecs.Blosc(cname="lz4").encode(x[:3].tobytes())  # a valid frame with a valid CRC, 3 rows not 8
+    chunk_file.write_bytes(short + crc32c.crc32c(short).to_bytes(4, "little"))
+    assert not files.read(0, out)
     chunk_file.unlink()
     assert not files.read(0, out)  # missing file
