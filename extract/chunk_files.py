@@ -69,6 +69,8 @@ class ChunkFiles:
         numcodec = None
         if len(codecs) == 3:
             blosc = codecs[1]
+            if blosc.typesize is None or blosc.shuffle is None or blosc.cname is None or blosc.clevel is None:
+                return None  # settings zarr fills in from the array: not what we can reproduce
             settings = {"cname": blosc.cname.value, "clevel": blosc.clevel,
                         "shuffle": _SHUFFLE[blosc.shuffle.value], "blocksize": blosc.blocksize}
             try:  # numcodecs ≥ 0.16 takes the typesize, and zarr then passes it; older ones take it from the bytes
