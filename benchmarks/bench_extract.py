@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extract import ZarrStore, extract  # noqa: E402
+from extract.batches import as_loader  # noqa: E402
 from extract.demo import DEMO_LAYERS, DigitsCNN, digits  # noqa: E402
-from extract.runner import DEFAULT_CHUNK_BYTES, as_loader, chunk_samples  # noqa: E402
+from extract.store import DEFAULT_CHUNK_BYTES, chunk_samples  # noqa: E402
 
 MB = 1e6
 CHUNK_BYTES = DEFAULT_CHUNK_BYTES
@@ -169,7 +170,7 @@ def cpu_throughput(chunks: list[np.ndarray], codecs: list, repeats: int) -> tupl
             encoded.append(buf)
         enc.append(time.process_time() - started)
         started = time.process_time()
-        for buf, c in zip(encoded, chunks):
+        for buf, c in zip(encoded, chunks, strict=True):
             for codec in reversed(codecs):
                 buf = codec.decode(buf)
             assert np.frombuffer(buf, dtype=c.dtype).size == c.size

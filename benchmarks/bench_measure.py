@@ -164,9 +164,9 @@ def engine_matrix(paths: list[Path], measure: str, options: dict[str, Any], devi
 
 def batch_mean_biased_cka(paths: list[Path], layers: list[str], batch_size: int, device: torch.device) -> np.ndarray:
     """Mean over consecutive batches of the per-batch biased linear CKA matrix — what simtorch means to report."""
+    from measure.engine.streaming import layer_gram_blocks
     from measure.functional._bilinear import bilinear_matrix
     from measure.functional.cka import _cka_prepare
-    from measure.statistics import layer_gram_blocks
 
     stores = open_stores(paths)
     per_store = [[[_cka_prepare(g) for g in layer_gram_blocks(s, layer, batch_size, device)] for layer in layers]
@@ -183,7 +183,7 @@ def gram_throughput(path: Path, layer: str, device: torch.device, precision: str
     The matmul runs on the layer already in memory, in float64 or float32 as ``precision`` says;
     ``layer_gram`` includes reading and decoding the store. GFLOP/s count 2·n²·p flops for both.
     """
-    from measure.statistics import layer_features, layer_gram
+    from measure.engine.streaming import layer_features, layer_gram
 
     store = open_stores([path])[0]
     n, p = store.n_samples, int(np.prod(store.layer_shape(layer)))

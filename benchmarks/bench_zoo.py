@@ -69,8 +69,8 @@ def _child_zoo(job: dict) -> dict:
 
     from extract.runner import extract
     from extract.store import ZarrStore
-    from measure.cache import StatisticsCache
     from measure.engine import Engine
+    from measure.engine.cache import StatisticsCache
 
     torch.set_num_threads(job["threads"])
     inputs = torch.load(job["inputs"])
@@ -124,7 +124,7 @@ def _child_gram(job: dict) -> dict:
     import torch
 
     from extract.store import ZarrStore
-    from measure.statistics import layer_gram
+    from measure.engine.streaming import layer_gram
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])

@@ -1,13 +1,15 @@
 """simtorch stage one: capture layer activations and write them to Zarr stores."""
 
-__version__ = "0.3.0"
-
-from .hooks import LayerSelectionError, SimilarityModel, resolve_layers  # noqa: E402
-from .runner import ExtractResult, extract  # noqa: E402
-from .store import ActivationStore, MemoryStore, StoreError, StoreInfo, ZarrStore, open_store  # noqa: E402
+from ._version import __version__
+from .errors import LayerSelectionError, StoreError
+from .hooks import SimilarityModel, resolve_layers
+from .options import ExtractOptions
+from .runner import ExtractResult, extract
+from .store import ActivationStore, MemoryStore, StoreInfo, ZarrStore, open_store
 
 __all__ = [
     "ActivationStore",
+    "ExtractOptions",
     "ExtractResult",
     "LayerSelectionError",
     "MemoryStore",
@@ -15,6 +17,7 @@ __all__ = [
     "StoreError",
     "StoreInfo",
     "ZarrStore",
+    "__version__",
     "extract",
     "open_store",
     "resolve_layers",

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
-import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,26 +23,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .errors import LayerSelectionError
+from .globs import GLOB_CHARS, glob_regex
+
 __all__ = ["LayerSelectionError", "SimilarityModel", "resolve_layers", "select_tensor"]
 
 Selector = int | str | None
-GLOB_CHARS = set("*?[")
-
-
-class LayerSelectionError(ValueError):
-    """A layer pattern or output selector does not fit the model."""
 
 
 def _is_descendant(name: str, ancestor: str) -> bool:
     return ancestor == "" or name.startswith(ancestor + ".")
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Glob over dotted module names: ``*`` and ``?`` stay within one name part, ``**`` crosses dots."""
-    translated = fnmatch.translate(pattern.replace("**", "\0").replace("?", "\1"))
-    # fnmatch turns '*' into '.*' and '?' into '.'; keep both inside one dotted part
-    translated = translated.replace(".*", "[^.]*").replace("\0", ".*").replace("\1", "[^.]")
-    return re.compile(translated)
 
 
 def resolve_layers(model: nn.Module, patterns: Sequence[str | type[nn.Module]]) -> list[str]:
@@ -82,7 +70,7 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str | type[nn.Module]]) 
                 explicit.add(pattern)
                 continue
             if GLOB_CHARS & set(pattern):
-                regex = _glob_regex(pattern)
+                regex = glob_regex(pattern)
                 hits = [n for n in names if regex.fullmatch(n)]
             else:
                 hits = [n for n in names if pattern in n]

@@ -7,6 +7,12 @@ done. Rerunning the same call after a crash resumes from the last durable
 chunk; rerunning a finished extraction only re-reads the data to check its
 fingerprint and does no inference; a second process on the same store is
 refused.
+
+The work is split in steps, each a small function: ``extract`` reuses a
+finished store or opens a ``_Run`` (the state of one run: store, progress,
+fingerprint, writer); ``_write_store`` feeds it the batches
+(``_write_batch``: fingerprint, forward pass, reductions, writer) and
+``_finish`` closes the writer and sets the completion marker.
 """
 
 from __future__ import annotations
@@ -17,25 +23,28 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader
 
-from .hooks import LayerSelectionError, SimilarityModel
-from .reductions import LayerReducer, rules_key
-from .remote import as_path, remove_tree
-from .store import INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreError, StoreInfo, ZarrStore
-from .text import attention_mask, fingerprint_rows, token_rows
+from ._version import __version__
+from .batches import as_loader, batch_len, confounder_rows, model_input, to_device
+from .errors import LayerSelectionError, StoreError
+from .hooks import SimilarityModel
+from .options import STORAGE_DTYPES, ExtractOptions
+from .store.format import DEFAULT_CHUNK_BYTES, INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreInfo, chunk_samples
+from .store.reductions import LayerReducer, rules_key
+from .store.remote import as_path, remove_tree
+from .store.zarr_store import ZarrStore
+from .text import attention_mask, fingerprint_rows
+from .writer import ChunkWriter
 
-__all__ = ["ExtractResult", "as_loader", "extract", "weights_digest"]
-
-DEFAULT_CHUNK_BYTES = 4 * 2**20
-STORAGE_DTYPES = ("float32", "float16")
+__all__ = ["ExtractResult", "extract", "weights_digest"]
 
 
 @dataclass
@@ -65,8 +74,6 @@ def _library_versions() -> dict[str, str]:
     import numcodecs
     import zarr
 
-    from . import __version__
-
     return {
         "simtorch": __version__,
         "torch": torch.__version__,
@@ -74,101 +81,6 @@ def _library_versions() -> dict[str, str]:
         "numcodecs": numcodecs.__version__,
         "numpy": np.__version__,
     }
-
-
-class _ArrayBatches:
-    """Consecutive slices of a tensor or NumPy array (memory-mapped ones included), as tensors.
-
-    Slicing replaces ``DataLoader(TensorDataset(x))``, which indexes and re-stacks every sample. Each
-    batch is a copy (one memcpy): read-only and memory-mapped arrays become ordinary writable tensors,
-    and a model that modifies its input in place leaves the caller's data alone.
-    """
-
-    def __init__(self, data: torch.Tensor | np.ndarray, batch_size: int) -> None:
-        self.data = data
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.data), self.batch_size):
-            part = self.data[start : start + self.batch_size]
-            # copies, so that a model that modifies its input in place cannot modify the caller's data
-            yield torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part.clone()
-
-
-def as_loader(data: Any, batch_size: int) -> tuple[Any, int]:
-    """An iterable of batches in dataset order, and the number of samples.
-
-    ``data`` may be a tensor or NumPy array of shape (n_samples, ...), a
-    map-style ``Dataset`` with ``__len__``, or a ``DataLoader`` without
-    shuffling.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if isinstance(data, (np.ndarray, torch.Tensor)):
-        if data.ndim < 1 or len(data) == 0:
-            raise ValueError(
-                f"Expected data of shape (n_samples, ...) with n_samples > 0, got shape {tuple(data.shape)}."
-            )
-        if isinstance(data, np.ndarray) and not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
-            raise TypeError(f"Expected numeric data, got a NumPy array of dtype {data.dtype}.")
-        return _ArrayBatches(data, batch_size), len(data)
-    if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler):
-            raise ValueError(
-                "The DataLoader shuffles its data; stores must hold samples in dataset order so that "
-                "stores of different models can be compared. Pass shuffle=False."
-            )
-        loader = data
-        n = len(data.dataset)  # type: ignore[arg-type]
-    elif isinstance(data, Dataset):
-        if not hasattr(data, "__len__"):
-            raise ValueError("The dataset has no __len__; simtorch needs the sample count up front.")
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-        n = len(data)  # type: ignore[arg-type]
-    else:
-        raise TypeError(
-            f"Expected a tensor, NumPy array, Dataset or DataLoader, got {type(data).__name__}."
-        )
-    if n == 0:
-        raise ValueError("The dataset is empty; there is nothing to extract.")
-    return loader, n
-
-
-def _model_input(batch: Any) -> Any:
-    """The model's input from one batch: the batch, its first element, or a dict of tensors."""
-    if isinstance(batch, torch.Tensor) or isinstance(batch, Mapping):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    raise ValueError(f"Cannot find the model input in a batch of type {type(batch).__name__}.")
-
-
-def _batch_len(inputs: Any) -> int:
-    if isinstance(inputs, Mapping):
-        return len(next(iter(inputs.values())))
-    return len(inputs)
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return inputs.to(device)
-
-
-def _confounder_rows(inputs: Any) -> np.ndarray:
-    """Inputs flattened per sample, the bytes that are fingerprinted and stored."""
-    if isinstance(inputs, Mapping) and attention_mask(inputs) is not None:
-        return token_rows(inputs)  # padding-free: valid tokens first, padding zeroed
-    if isinstance(inputs, Mapping):
-        tensor = inputs.get("input_ids", next(iter(inputs.values())))
-    else:
-        tensor = inputs
-    array = tensor.detach().cpu().numpy()
-    # A copy: the model may modify its input in place, and the writer keeps these rows until the chunk is full.
-    return np.array(array.reshape(len(array), -1))
 
 
 @contextmanager
@@ -196,16 +108,15 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _request(sim: SimilarityModel, dtype: str, store_inputs: bool, model_spec: str, weights: str,
-             reduce: Any = None) -> dict:
+def _request(sim: SimilarityModel, options: ExtractOptions, weights: str) -> dict:
     return {
-        "reduce": rules_key(reduce),
-        "model_spec": model_spec,
+        "reduce": rules_key(options.reduce),
+        "model_spec": options.model_spec,
         "weights_digest": weights,
         "layer_patterns": [p if isinstance(p, str) else f"type:{p.__name__}" for p in sim.layers_to_include],
         "output_selector": repr(sim.output_selector),
-        "dtype": dtype,
-        "inputs_stored": store_inputs,
+        "dtype": options.dtype,
+        "inputs_stored": options.store_inputs,
     }
 
 
@@ -260,22 +171,12 @@ class _Fingerprint:
         return self._result
 
 
-def chunk_samples(bytes_per_sample: int, n: int, chunk_bytes: int) -> int:
-    """Rows per chunk: at most ``chunk_bytes`` per chunk, with the rows spread evenly over the chunks.
-
-    Zarr stores an edge chunk at full size, so 540 rows in chunks of 512 would cost 1,024 rows on
-    disk; evening out the chunks (2 × 270 here) keeps the padding below one row per chunk.
-    """
-    per_chunk = max(1, chunk_bytes // max(1, bytes_per_sample))
-    n_chunks = -(-n // per_chunk)
-    return int(-(-n // n_chunks))
-
-
 def extract(
     model: nn.Module | SimilarityModel,
     data: Any,
     path: str | os.PathLike[str],
     *,
+    options: ExtractOptions | None = None,
     name: str | None = None,
     layers: Sequence[str | type[nn.Module]] | None = None,
     batch_size: int = 64,
@@ -301,6 +202,9 @@ def extract(
         tuples, or dicts of tensors (passed as keyword arguments).
     path : path-like
         The store (a directory ending in ``.zarr``).
+    options : ExtractOptions, optional
+        Every option below as one object (``extract.options``); then the
+        keyword options must be left at their defaults.
     name, layers, output_selector
         As in ``SimilarityModel``.
     dtype : {"float32", "float16"}, default="float32"
@@ -314,7 +218,7 @@ def extract(
         data (the demo does this when its zoo is retrained); by default such a
         store is an error, so that nothing is overwritten by mistake.
     reduce : str, list of str or dict, optional
-        Per-layer reductions applied before storing (``extract.reductions``):
+        Per-layer reductions applied before storing (``extract.store.reductions``):
         ``"gap"``, ``["block*=pool2", "fc*=flatten"]``... Token layers of text
         inputs default to ``mean`` over valid tokens, other layers to
         ``flatten``; the store records each layer's reduction.
@@ -323,32 +227,48 @@ def extract(
     -------
     ExtractResult
     """
-    started = time.perf_counter()
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
-    sim = model if isinstance(model, SimilarityModel) else SimilarityModel(
-        model, name, layers, output_selector=output_selector
+    given = ExtractOptions(
+        name=name, layers=layers, batch_size=batch_size, dtype=dtype, device=device, force=force,
+        store_inputs=store_inputs, output_selector=output_selector, model_spec=model_spec, chunk_bytes=chunk_bytes,
+        progress=progress, reduce=reduce, replace_stale=replace_stale,
     )
-    run_device = torch.device(device) if device is not None else sim.device
+    if options is None:
+        options = given
+    elif given != ExtractOptions():
+        raise TypeError("Pass extract()'s options either as options=ExtractOptions(...) or as keyword arguments, "
+                        "not both.")
+    return _extract(model, data, path, options)
+
+
+def _extract(model: nn.Module | SimilarityModel, data: Any, path: str | os.PathLike[str],
+             options: ExtractOptions) -> ExtractResult:
+    """``extract`` with its options as one object: reuse a finished store, or write (or resume) it."""
+    started = time.perf_counter()
+    if options.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {options.dtype!r}.")
+    sim = model if isinstance(model, SimilarityModel) else SimilarityModel(
+        model, options.name, options.layers, output_selector=options.output_selector
+    )
+    run_device = torch.device(options.device) if options.device is not None else sim.device
     sim.model.to(run_device)
-    loader, n = as_loader(data, batch_size)
-    path = as_path(path)  # a pathlib.Path, or a UrlPath for s3://... (extract.remote)
-    request = _request(sim, dtype, store_inputs, model_spec, weights_digest(sim.model), reduce)
+    loader, n = as_loader(data, options.batch_size)
+    path = as_path(path)  # a pathlib.Path, or a UrlPath for s3://... (extract.store.remote)
+    request = _request(sim, options, weights_digest(sim.model))
 
     with _exclusive_lock(path):
-        info = _reusable_info(path, request, force or replace_stale and _is_stale(path, request))
+        info = _reusable_info(path, request, options.force or options.replace_stale and _is_stale(path, request))
         if info is not None and info.complete:
             try:
                 _verify_fingerprint(loader, info, path)
             except StoreError:
-                if not replace_stale:
+                if not options.replace_stale:
                     raise
                 info = _reusable_info(path, request, True)
             if info is not None:
                 return ExtractResult(path, info.n_samples, info.layers, True, info.n_samples,
                                      time.perf_counter() - started, 0)
-        return _run(sim, loader, n, path, request, info, dtype, store_inputs, run_device,
-                    chunk_bytes, progress, started, reduce)
+        run = _Run.open(sim=sim, n=n, path=path, request=request, info=info, options=options, device=run_device)
+        return _write_store(run, loader, started)
 
 
 def _is_stale(path: Path, request: dict) -> bool:
@@ -389,8 +309,8 @@ def _verify_fingerprint(loader: DataLoader, info: StoreInfo, path: Path) -> None
     """Hash the data (no inference) and check it is the data the finished store was made from."""
     fp = _Fingerprint(info.chunk_samples)
     for batch in loader:
-        inputs = _model_input(batch)
-        fp.update(fingerprint_rows(inputs, _confounder_rows(inputs)))
+        inputs = model_input(batch)
+        fp.update(fingerprint_rows(inputs, confounder_rows(inputs)))
     if fp.finish() != info.fingerprint:
         raise StoreError(
             f"The finished store at {path} was extracted from different data (fingerprint mismatch); "
@@ -398,114 +318,184 @@ def _verify_fingerprint(loader: DataLoader, info: StoreInfo, path: Path) -> None
         )
 
 
-def _run(sim, loader, n, path, request, info, dtype, store_inputs, device, chunk_bytes, progress, started,
-         reduce=None):
+@dataclass
+class _Run:
+    """The state of one extraction run, from its first batch to the completion marker."""
+
+    sim: SimilarityModel
+    n: int
+    path: Path
+    options: ExtractOptions
+    device: torch.device
+    store: ZarrStore
+    info: StoreInfo
+    created_here: bool
+    resume_from: int
+    reducer: LayerReducer
+    fp: _Fingerprint | None = None
+    writer: ChunkWriter | None = None
+    position: int = 0  # first sample of the next batch
+    verified: int = 0  # chunk digests already checked against the partial store's
+    per_sample: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, *, sim: SimilarityModel, n: int, path: Path, request: dict, info: StoreInfo | None,
+             options: ExtractOptions, device: torch.device) -> _Run:
+        """Create the store (``info`` None) or reopen the partial one ``info`` describes."""
+        created_here = info is None
+        store = ZarrStore(path, read_only=False, create=created_here)
+        if info is not None and info.n_samples != n:
+            raise StoreError(
+                f"The partial store at {path} was started for {info.n_samples} samples, the data has {n}; "
+                "pass --force to start again."
+            )
+        if info is None:
+            info = _new_info(sim, request, options, n)
+            store.write_info(info)
+        _remove_partial_files(path)
+        return cls(sim=sim, n=n, path=path, options=options, device=device, store=store, info=info,
+                   created_here=created_here, resume_from=info.samples_done, reducer=LayerReducer(options.reduce),
+                   fp=_Fingerprint(info.chunk_samples) if info.chunk_samples else None)
+
+
+def _new_info(sim: SimilarityModel, request: dict, options: ExtractOptions, n: int) -> StoreInfo:
+    """The attributes of a new store, before its arrays exist."""
+    return StoreInfo(
+        model_name=sim.model_name,
+        model_spec=request["model_spec"],
+        weights_digest=request["weights_digest"],
+        dtype=options.dtype,
+        n_samples=n,
+        inputs_stored=options.store_inputs,
+        versions=_library_versions(),
+        request={k: request[k] for k in ("layer_patterns", "output_selector", "reduce")},
+    )
+
+
+def _write_store(run: _Run, loader: Any, started: float) -> ExtractResult:
+    """Feed every batch to ``run`` with the hooks registered, then set the completion marker."""
     from tqdm.auto import tqdm
 
-    created_here = info is None
-    store = ZarrStore(path, read_only=False, create=created_here)
-    resume_from = info.samples_done if info is not None else 0
-    if info is not None and info.n_samples != n:
-        raise StoreError(
-            f"The partial store at {path} was started for {info.n_samples} samples, the data has {n}; "
-            "pass --force to start again."
-        )
-    if info is None:
-        info = StoreInfo(
-            model_name=sim.model_name,
-            model_spec=request["model_spec"],
-            weights_digest=request["weights_digest"],
-            dtype=dtype,
-            n_samples=n,
-            inputs_stored=store_inputs,
-            versions=_library_versions(),
-            request={k: request[k] for k in ("layer_patterns", "output_selector", "reduce")},
-        )
-        store.write_info(info)
-    _remove_partial_files(path)
-    fp: _Fingerprint | None = _Fingerprint(info.chunk_samples) if info.chunk_samples else None
-    writer = None
-    position = 0
-    per_sample: dict[str, tuple[int, ...]] = {}
-    reducer = LayerReducer(reduce)
-    bar = tqdm(total=n, initial=resume_from, desc=f"extract {sim.model_name}", unit="sample",
-               disable=not progress, leave=False)
-    verified = 0  # chunk digests already checked against the partial store's
+    bar = tqdm(total=run.n, initial=run.resume_from, desc=f"extract {run.sim.model_name}", unit="sample",
+               disable=not run.options.progress, leave=False)
     try:
-        with sim.hooked():
+        with run.sim.hooked():
             for batch_index, batch in enumerate(loader):
-                inputs = _model_input(batch)
-                rows = _batch_len(inputs)
-                confounder = _confounder_rows(inputs)
-                fingerprinted = fingerprint_rows(inputs, confounder)
-                stop = position + rows
-                if fp is not None:
-                    fp.update(fingerprinted)
-                    verified = _check_resumed_chunks(fp, info, resume_from, path, verified)
-                if stop <= resume_from:
-                    position = stop
-                    continue
-                try:
-                    outputs = sim.forward(_to_device(inputs, device))
-                except LayerSelectionError:
-                    raise
-                except Exception as exc:
-                    raise RuntimeError(
-                        f"Model {sim.model_name!r} failed on batch {batch_index} (samples {position}..{stop - 1}) "
-                        f"with inputs of shape {_describe(inputs)}: {type(exc).__name__}: {exc}. "
-                        "Check that the data has the shape and dtype the model expects."
-                    ) from exc
-                mask = attention_mask(inputs)
-                outputs = reducer(outputs, None if mask is None else mask.to(device))
-                arrays = {f"{LAYERS_GROUP}/{k}": _as_storage(v, dtype, k) for k, v in outputs.items()}
-                if store_inputs:
-                    arrays[INPUTS_ARRAY] = confounder
-                if mask is not None:
-                    arrays[MASK_ARRAY] = mask.cpu().numpy().astype(np.uint8)
-                _check_batch_shapes(arrays, per_sample, batch_index)
-                if writer is None:
-                    if not info.chunk_samples:
-                        info.reductions = reducer.recorded
-                        info.request["token_layers"] = list(reducer.token_layers)
-                    info = _prepare_arrays(store, info, sim.layers, arrays, n, chunk_bytes, path)
-                    if fp is None:
-                        fp = _Fingerprint(info.chunk_samples)
-                        fp.update(fingerprinted)
-                    writer = _start_writer(store, info, fp, resume_from)
-                skip = max(0, resume_from - position)
-                writer.add({k: v[skip:] for k, v in arrays.items()})
-                bar.update(rows - skip)
-                position = stop
-            if position != n:
-                raise ValueError(f"The data yielded {position} samples but reports {n} (len); fix its __len__.")
-            # Close the last partial chunk's digest before the writer records that chunk as durable.
-            fingerprint = fp.finish()
-            _check_resumed_chunks(fp, info, resume_from, path, verified)
-            if writer is not None:
-                writer.close()
-                bytes_written = writer.bytes_written
-            else:
-                bytes_written = 0
+                added = _write_batch(run, batch_index, batch)
+                if added:
+                    bar.update(added)
+            fingerprint, bytes_written = _close_writer(run)
     except BaseException as exc:
-        if writer is not None:
-            writer.abort()
-        if created_here and store.info.samples_done == 0:
-            remove_tree(path, ignore_errors=True)
+        _clean_up_failed_run(run)
         if isinstance(exc, OSError):
             raise StoreError(
-                f"Writing the store at {path} failed ({exc.strerror or exc}); free disk space or choose a "
+                f"Writing the store at {run.path} failed ({exc.strerror or exc}); free disk space or choose a "
                 "writable --out, then rerun the same command to resume."
             ) from exc
         raise
     finally:
         bar.close()
-    info = store.info
+    return _finish(run, fingerprint, bytes_written, started)
+
+
+def _write_batch(run: _Run, batch_index: int, batch: Any) -> int:
+    """Fingerprint one batch and, past the resume point, capture and queue its layers; the samples added."""
+    inputs = model_input(batch)
+    rows = batch_len(inputs)
+    confounder = confounder_rows(inputs)
+    fingerprinted = fingerprint_rows(inputs, confounder)
+    start, stop = run.position, run.position + rows
+    if run.fp is not None:
+        run.fp.update(fingerprinted)
+        _check_resumed_chunks(run)
+    if stop <= run.resume_from:
+        run.position = stop
+        return 0
+    outputs = _forward(run.sim, inputs, run.device, batch_index, start, stop)
+    arrays = _batch_arrays(run, outputs, inputs, confounder)
+    _check_batch_shapes(arrays, run.per_sample, batch_index)
+    if run.writer is None:
+        _start_writing(run, arrays, fingerprinted)
+    skip = max(0, run.resume_from - start)
+    run.writer.add({k: v[skip:] for k, v in arrays.items()})
+    run.position = stop
+    return rows - skip
+
+
+def _forward(sim: SimilarityModel, inputs: Any, device: torch.device, batch_index: int, start: int,
+             stop: int) -> dict[str, torch.Tensor]:
+    """The captured layer outputs of one batch; a model failure names the batch and its samples."""
+    try:
+        return sim.forward(to_device(inputs, device))
+    except LayerSelectionError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(
+            f"Model {sim.model_name!r} failed on batch {batch_index} (samples {start}..{stop - 1}) "
+            f"with inputs of shape {_describe(inputs)}: {type(exc).__name__}: {exc}. "
+            "Check that the data has the shape and dtype the model expects."
+        ) from exc
+
+
+def _batch_arrays(run: _Run, outputs: dict[str, torch.Tensor], inputs: Any,
+                  confounder: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of every store array for one batch: reduced layers, inputs and attention mask."""
+    mask = attention_mask(inputs)
+    outputs = run.reducer(outputs, None if mask is None else mask.to(run.device))
+    dtype = run.options.dtype
+    arrays = {f"{LAYERS_GROUP}/{k}": _as_storage(v, dtype, k) for k, v in outputs.items()}
+    if run.options.store_inputs:
+        arrays[INPUTS_ARRAY] = confounder
+    if mask is not None:
+        arrays[MASK_ARRAY] = mask.cpu().numpy().astype(np.uint8)
+    return arrays
+
+
+def _start_writing(run: _Run, arrays: dict[str, np.ndarray], fingerprinted: np.ndarray) -> None:
+    """On the first captured batch: create (or check) the arrays and start the chunk writer."""
+    if run.info.chunk_samples:  # resuming: what is on disk must fit
+        _check_partial_arrays(run, arrays)
+    else:
+        run.info.reductions = run.reducer.recorded
+        run.info.request["token_layers"] = list(run.reducer.token_layers)
+        _create_arrays(run, arrays)
+    if run.fp is None:
+        run.fp = _Fingerprint(run.info.chunk_samples)
+        run.fp.update(fingerprinted)
+    run.writer = _chunk_writer(run)
+
+
+def _close_writer(run: _Run) -> tuple[str, int]:
+    """After the last batch: the dataset fingerprint and the bytes written, once every chunk is durable."""
+    if run.position != run.n:
+        raise ValueError(f"The data yielded {run.position} samples but reports {run.n} (len); fix its __len__.")
+    # Close the last partial chunk's digest before the writer records that chunk as durable.
+    fingerprint = run.fp.finish()
+    _check_resumed_chunks(run)
+    if run.writer is None:
+        return fingerprint, 0
+    run.writer.close()
+    return fingerprint, run.writer.bytes_written
+
+
+def _clean_up_failed_run(run: _Run) -> None:
+    """Stop the writer; remove a store this run created before any chunk of it became durable."""
+    if run.writer is not None:
+        run.writer.abort()
+    if run.created_here and run.store.info.samples_done == 0:
+        remove_tree(run.path, ignore_errors=True)
+
+
+def _finish(run: _Run, fingerprint: str, bytes_written: int, started: float) -> ExtractResult:
+    """Record the fingerprint and chunk digests and set the completion marker."""
+    info = run.store.info
     info.fingerprint = fingerprint
-    info.chunk_digests = fp.chunk_digests
-    info.samples_done = n
+    info.chunk_digests = run.fp.chunk_digests
+    info.samples_done = run.n
     info.complete = True
-    store.write_info(info)
-    return ExtractResult(path, n, info.layers, False, resume_from, time.perf_counter() - started, bytes_written)
+    run.store.write_info(info)
+    return ExtractResult(run.path, run.n, info.layers, False, run.resume_from, time.perf_counter() - started,
+                         bytes_written)
 
 
 def _as_storage(tensor: torch.Tensor, dtype: str, layer: str) -> np.ndarray:
@@ -534,34 +524,39 @@ def _check_batch_shapes(arrays: dict[str, np.ndarray], per_sample: dict[str, tup
             )
 
 
-def _prepare_arrays(store, info, layers, arrays, n, chunk_bytes, path) -> StoreInfo:
-    """Create the arrays (first run) or check them (resume) from the first captured batch."""
-    per_sample = {k: v.shape[1:] for k, v in arrays.items()}
-    if info.chunk_samples:  # resuming: shapes must match what is on disk
-        if info.layers != list(layers):
+def _check_partial_arrays(run: _Run, arrays: dict[str, np.ndarray]) -> None:
+    """On resume, the first captured batch must fit the layers and arrays already on disk."""
+    layers = list(run.sim.layers)
+    if run.info.layers != layers:
+        raise StoreError(
+            f"The partial store at {run.path} holds layers {run.info.layers} but the model now gives {layers}; "
+            "pass --force to start again."
+        )
+    for key, block in arrays.items():
+        shape = block.shape[1:]
+        if not run.store.has_array(key) or run.store.array_shape(key)[1:] != shape:
             raise StoreError(
-                f"The partial store at {path} holds layers {info.layers} but the model now gives {list(layers)}; "
-                "pass --force to start again."
+                f"The partial store at {run.path} has no array {key!r} of per-sample shape {shape}; "
+                "the model changed since it was started. Pass --force to start again."
             )
-        for key, shape in per_sample.items():
-            if not store.has_array(key) or store.array_shape(key)[1:] != shape:
-                raise StoreError(
-                    f"The partial store at {path} has no array {key!r} of per-sample shape {shape}; "
-                    "the model changed since it was started. Pass --force to start again."
-                )
-        return info
+
+
+def _create_arrays(run: _Run, arrays: dict[str, np.ndarray]) -> None:
+    """Create every array, chunked for the widest, from the first captured batch; record layers and shapes."""
+    info = run.info
+    per_sample = {k: v.shape[1:] for k, v in arrays.items()}
     widest = max(int(np.prod(s, dtype=np.int64)) * arrays[k].dtype.itemsize for k, s in per_sample.items())
-    info.chunk_samples = chunk_samples(widest, n, chunk_bytes)
+    info.chunk_samples = chunk_samples(widest, run.n, run.options.chunk_bytes)
     for key, shape in per_sample.items():
-        store.create_array(key, (n, *shape), str(arrays[key].dtype), info.chunk_samples)
-    info.layers = list(layers)
+        run.store.create_array(key, (run.n, *shape), str(arrays[key].dtype), info.chunk_samples)
+    info.layers = list(run.sim.layers)
     info.input_shape = list(arrays[INPUTS_ARRAY].shape[1:]) if INPUTS_ARRAY in arrays else []
-    store.write_info(info)
-    return info
+    run.store.write_info(info)
 
 
-def _start_writer(store, info: StoreInfo, fp: _Fingerprint, resume_from: int):
-    from .writer import ChunkWriter
+def _chunk_writer(run: _Run) -> ChunkWriter:
+    """The background writer; after each durable write it records progress and chunk digests in the store."""
+    store, fp = run.store, run.fp
 
     def on_chunk_written(stop: int, chunk_index: int) -> None:
         current = store.info
@@ -569,23 +564,24 @@ def _start_writer(store, info: StoreInfo, fp: _Fingerprint, resume_from: int):
         current.chunk_digests = fp.chunk_digests[: chunk_index + 1]
         store.write_info(current)
 
-    return ChunkWriter(store, info.chunk_samples, resume_from, on_chunk_written)
+    return ChunkWriter(store, run.info.chunk_samples, run.resume_from, on_chunk_written)
 
 
-def _check_resumed_chunks(fp: _Fingerprint, info: StoreInfo, resume_from: int, path: Path, first: int = 0) -> int:
+def _check_resumed_chunks(run: _Run) -> None:
     """On resume, the data's chunk digests must equal those recorded for the chunks already written.
 
-    Checks the digests from index ``first`` on and returns the index to start from next time.
+    Checks the digests from index ``run.verified`` on and advances it.
     """
-    done = -(-resume_from // info.chunk_samples) if info.chunk_samples else 0  # ceil: a final partial chunk
+    info, fp = run.info, run.fp
+    done = -(-run.resume_from // info.chunk_samples) if info.chunk_samples else 0  # ceil: a final partial chunk
     last = min(done, len(fp.chunk_digests))
-    for i in range(first, last):
+    for i in range(run.verified, last):
         if i < len(info.chunk_digests) and fp.chunk_digests[i] != info.chunk_digests[i]:
             raise StoreError(
-                f"The data differs from the data the partial store at {path} was started with "
+                f"The data differs from the data the partial store at {run.path} was started with "
                 f"(chunk {i}); pass --force to start again, or choose another --out."
             )
-    return max(first, last)
+    run.verified = max(run.verified, last)
 
 
 def _remove_partial_files(path: Path) -> None:

@@ -24,11 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import SpecError
+
 __all__ = ["SpecError", "load_data", "load_model"]
-
-
-class SpecError(ValueError):
-    """A model, weights or data spec that cannot be loaded."""
 
 
 def _import_callable(spec: str, what: str) -> Any:

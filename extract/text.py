@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .store.reductions import compact_tokens
+
 __all__ = [
     "Texts",
     "TokenizedTexts",
@@ -146,11 +148,9 @@ def token_rows(inputs: Mapping[str, Any]) -> np.ndarray:
     This is what the store keeps as the inputs of text data; padding to a
     longer length only adds zero columns.
     """
-    from .reductions import _compact_tokens
-
     mask = attention_mask(inputs)
     ids = _token_ids(inputs).detach().cpu()
-    return np.ascontiguousarray(_compact_tokens(ids, mask.cpu()).numpy())
+    return np.ascontiguousarray(compact_tokens(ids, mask.cpu()).numpy())
 
 
 def fingerprint_rows(inputs: Any, confounder: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .store import ActivationStore
+from .store.base import ActivationStore
 
 __all__ = ["ChunkWriter"]
 

@@ -1,25 +1,25 @@
 """simtorch stage two: similarity measures between layer representations."""
 
-from ._checks import MeasureError
 from .accumulators import Accumulator, LinearCKA, LinearCKAMatrix
-from .family import CCA, PWCCA, RSA, SVCCA, LinearRegression, MutualKNN, Procrustes
-from .functional import (
-    cca,
-    cka,
-    cka_debiased,
-    cka_minibatch,
-    cka_rbf,
-    dcka,
-    linreg,
-    mutual_knn,
-    procrustes,
-    pwcca,
-    rsa,
-    svcca,
+from .comparison import cka, cka_debiased, cka_minibatch, cka_rbf, compare, dcka
+from .errors import MeasureError
+from .functional import cca, linreg, mutual_knn, procrustes, pwcca, rsa, svcca
+from .inference import bootstrap, permutation_test
+from .measures.base import Measure
+from .registry import MEASURES, get_measure
+from .similarity import (
+    CCA,
+    CKA,
+    PWCCA,
+    RSA,
+    SVCCA,
+    DeconfoundedCKA,
+    DeltaCKA,
+    LinearRegression,
+    MutualKNN,
+    Procrustes,
+    Similarity,
 )
-from .registry import MEASURES, MeasureSpec, compare, get_measure, register
-from .similarity import CKA, DeconfoundedCKA, DeltaCKA, Similarity
-from .stats import bootstrap, permutation_test
 
 __all__ = [
     "CKA",
@@ -27,8 +27,8 @@ __all__ = [
     "DeltaCKA",
     "Similarity",
     "MEASURES",
+    "Measure",
     "MeasureError",
-    "MeasureSpec",
     "cka",
     "cka_debiased",
     "cka_minibatch",
@@ -36,7 +36,6 @@ __all__ = [
     "compare",
     "dcka",
     "get_measure",
-    "register",
 ]
 __all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MutualKNN", "Procrustes"]
 __all__ += ["bootstrap", "cca", "linreg", "mutual_knn", "permutation_test", "procrustes", "pwcca", "rsa", "svcca"]

@@ -1,4 +1,11 @@
-"""The ``pipeline.py measure`` command: arguments and the thin body that calls the engine."""
+"""The ``pipeline.py measure`` command.
+
+``measure_command_parser(subparsers=None)`` builds the parser (standalone, or registered under
+``subparsers`` with ``set_defaults(func=measure_command)``); ``measure_command(args)`` runs it:
+the flags become one ``EngineConfig`` (``engine_config``), the ``Engine`` measures every pair of
+stores, ``measure.inference`` adds p-values or bootstrap bounds, and ``measure.report`` writes
+the CSVs, heatmaps, manifest and HTML page. Each step is one small function below.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +13,36 @@ import argparse
 import glob
 import itertools
 import json
+import sys
 import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extract.remote import is_url, parse_storage_options, upload_folder
+from extract.cli import exit_on_known_errors
 from extract.store import ZarrStore
+from extract.store.remote import find_stores as find_url_stores
+from extract.store.remote import is_url, parse_storage_options, unreachable_message, upload_folder
 
-from ._checks import MeasureError
-from .cache import StatisticsCache, default_cache_path
-from .distributed import compute_grams, dask_client
-from .engine import Engine
+from .engine import Engine, EngineConfig, PairResult
+from .engine.cache import StatisticsCache, default_cache_path
+from .engine.dask_tasks import compute_grams, dask_client
+from .errors import MeasureError
+from .inference import add_statistics, check_supported
 from .registry import MEASURES, get_measure
-from .report import REPORT_NAME, write_report
-from .results import write_results
-from .stats import _check_supported, add_statistics
+from .report import REPORT_NAME, write_report, write_results
 
-__all__ = ["add_measure_arguments", "parse_measure", "run_measure"]
+__all__ = [
+    "add_measure_arguments",
+    "engine_config",
+    "find_stores",
+    "measure_command",
+    "measure_command_parser",
+    "parse_measure",
+    "run_measure",
+    "store_pairs",
+]
 
 DEFAULT_MEASURES = ["cka", "cka_debiased", "cka_rbf", "dcka"]
 DEFAULT_STORES = Path("data/activations")
@@ -48,7 +68,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """argparse type: a non-negative integer (0 turns the statistic off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (0: off), got {text!r}")
+    return value
+
+
 def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``measure`` command's arguments (and its examples as the epilog) to ``parser``."""
     parser.epilog = MEASURE_EXAMPLE
     parser.add_argument("stores", nargs="*", help="stores, folders of stores, or globs (default data/activations)")
     parser.add_argument("--measures", nargs="+", default=None, metavar="NAME",
@@ -84,7 +116,7 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
                        help="'threads' (dask's local threaded scheduler) or tcp://host:port of a running cluster")
     scale.add_argument("--storage-options", default=None, metavar="JSON",
                        help="fsspec options for URL stores, e.g. '{\"anon\": false}' (credentials: AWS_* env vars)")
-    stats = parser.add_argument_group("statistics (measure.stats), written beside each matrix")
+    stats = parser.add_argument_group("statistics (measure.inference), written beside each matrix")
     stats.add_argument("--permutations", type=_count, default=0, metavar="N",
                        help="permutation test with N permutations: <pair>.pvalues.csv and .pvalues_fwer.csv")
     stats.add_argument("--bootstrap", type=_count, default=0, metavar="N",
@@ -94,15 +126,29 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("--seed", type=int, default=0, help="seed of the permutations and resamples (default 0)")
 
 
-def _count(text: str) -> int:
-    """argparse type: a non-negative integer (0 turns the statistic off)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer (0: off), got {text!r}")
-    return value
+def measure_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    """The ``measure`` parser: registered under ``subparsers`` (bound to ``measure_command``), or standalone."""
+    kwargs: dict[str, Any] = dict(description="Compare the layers of stores with similarity measures.",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    if subparsers is None:
+        parser = argparse.ArgumentParser(**kwargs)
+    else:
+        parser = subparsers.add_parser("measure", **kwargs)
+        parser.set_defaults(func=measure_command)
+    add_measure_arguments(parser)
+    return parser
+
+
+@exit_on_known_errors
+def measure_command(args: argparse.Namespace) -> int:
+    """Measure every requested pair of stores (``run_measure``); each warning is printed as one line."""
+    with warnings.catch_warnings(record=True) as caught:  # warnings (NaN with --undefined nan...): one line each
+        warnings.simplefilter("default")
+        try:
+            return run_measure(args)
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
 
 
 def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
@@ -127,9 +173,6 @@ def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
 
 def find_stores(specs: list[str], storage_options: dict[str, Any] | None = None) -> list[Path]:
     """Store paths from explicit paths, folders holding ``*.zarr`` stores, and globs (URLs too: str entries)."""
-    from extract.remote import find_stores as find_url_stores
-    from extract.remote import is_url
-
     specs = specs or [str(DEFAULT_STORES)]
     found: list[Path] = []
     urls: list[str] = []
@@ -164,8 +207,6 @@ def store_pairs(n: int, symmetric: bool) -> list[tuple[int, int]]:
 
 def run_measure(args: argparse.Namespace) -> int:
     """``_run_measure``, with a lost connection to remote storage turned into a one-line error."""
-    from extract.remote import unreachable_message
-
     try:
         return _run_measure(args)
     except MeasureError:
@@ -178,86 +219,22 @@ def run_measure(args: argparse.Namespace) -> int:
 
 
 def _run_measure(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+    """Parse the measures, open the stores and the cache, measure, write the results, print the summary."""
     if args.list_measures:
-        for name in sorted(MEASURES):
-            spec = MEASURES[name]
-            print(f"{name:15s} {'symmetric' if spec.symmetric else 'asymmetric':10s} {spec.kind:10s} "
-                  f"options={dict(spec.options)}  {spec.reference}")
+        _print_measures()
         return 0
-    measures = [parse_measure(m) for m in (args.measures or DEFAULT_MEASURES)]
-    for name, options in measures:
-        get_measure(name).resolve_options(options)  # fail before any work
-    if getattr(args, "permutations", 0) or getattr(args, "bootstrap", 0):
-        for name, _ in measures:
-            _check_supported(get_measure(name))
-        if not 0 < getattr(args, "ci_level", 0.95) < 1:
-            raise MeasureError(f"--ci-level must be in (0, 1), for example 0.95; got {args.ci_level}.")
+    measures = _parse_measures(args)
     storage_options = parse_storage_options(getattr(args, "storage_options", None))
     paths = find_stores(args.stores, storage_options)
-    stores = [ZarrStore(p, read_only=True, storage_options=storage_options) for p in paths]
-    names = [s.name for s in stores]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        raise MeasureError(f"Several stores share the model name(s) {dupes}; results would overwrite each other. "
-                           "Re-extract with distinct --name values.")
-    n_stores = len(stores)
-    work = sum(len(store_pairs(n_stores, get_measure(m).symmetric)) for m, _ in measures)
-    bar = None  # created once the stores are checked, so that refusals print no half-drawn bar
-
-    def progress(message: str) -> None:
-        if " × " in message:
-            bar.update(1)
-        bar.set_postfix_str(message[-40:])
-
-    cache = None
-    if not getattr(args, "no_cache", False):
-        cache = StatisticsCache(getattr(args, "cache", None) or default_cache_path([str(p) for p in paths]),
-                                storage_options=storage_options)
-    engine = Engine(stores, device=args.device, layers=args.layers,
-                    memory_budget=int(args.memory_budget * 2**30), undefined=args.undefined, progress=progress,
-                    cache=cache, reduce=getattr(args, "reduce", None),
-                    mixed_reductions=getattr(args, "mixed_reductions", False),
-                    precision=getattr(args, "precision", "float64"))
+    stores = _open_stores(paths, storage_options)
+    progress = _ProgressBar(sum(len(store_pairs(len(stores), get_measure(m).symmetric)) for m, _ in measures),
+                            quiet=args.quiet)
+    cache = _open_cache(args, paths, storage_options)
+    engine = Engine(stores, config=engine_config(args, progress=progress, cache=cache))
     for name, _ in measures:
         engine.check_precision(get_measure(name))
-    results = []
-    bar = tqdm(total=work, desc="measure", unit="pair", disable=args.quiet, leave=False)
-    try:
-        with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
-            if client is not None or getattr(args, "scheduler", None) == "threads":
-                compute_grams(engine, measures, client=client, storage_options=storage_options, device=args.device)
-        last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
-                        default=-1)
-        for k, (name, options) in enumerate(measures):
-            pairs = store_pairs(n_stores, get_measure(name).symmetric)
-            results.extend(engine.run([(name, options)], pairs, release=k >= last_gram))  # Grams kept for later
-        add_statistics(engine, results, n_permutations=getattr(args, "permutations", 0),
-                       n_resamples=getattr(args, "bootstrap", 0), level=getattr(args, "ci_level", 0.95),
-                       seed=getattr(args, "seed", 0))
-    finally:
-        bar.close()
-    out_url = str(args.out) if args.out and is_url(args.out) else None
-    staging = tempfile.TemporaryDirectory(prefix="simtorch-results-") if out_url else None
-    out = Path(staging.name) if staging else Path(args.out or DEFAULT_OUT)
-    store_meta = {s.name: {"path": str(p), "fingerprint": s.info.fingerprint, "n_samples": s.n_samples,
-                           "layers": engine.layers[i], "weights_digest": s.info.weights_digest}
-                  for i, (s, p) in enumerate(zip(stores, paths))}
-    for i, s in enumerate(stores):
-        store_meta[s.name]["reductions"] = {k: engine.stores[i].info.reductions.get(k, "flatten")
-                                            for k in engine.layers[i]}
-    manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
-                             plots=not args.no_plots, extra={"precision": engine.precision})
-    if not getattr(args, "no_report", False):
-        run_options = {k: getattr(args, k, None) for k in ("layers", "reduce", "mixed_reductions", "undefined",
-                                                            "permutations", "bootstrap")}
-        write_report(results, out, stores=store_meta, device=str(engine.device), manifest=json.loads(
-            Path(manifest).read_text()), options={k: v for k, v in run_options.items() if v not in (None, 0)})
-    if staging is not None:  # results for a URL are written locally, then uploaded
-        upload_folder(out, out_url, storage_options)
-        manifest, out = f"{out_url.rstrip('/')}/{Path(manifest).name}", out_url
-        staging.cleanup()
+    results = _measure(engine, measures, args, storage_options, progress)
+    manifest, out = _write_outputs(results, engine, stores, paths, args, storage_options)
     if not args.quiet:
         _print_summary(results)
     if cache is not None and not args.quiet:
@@ -266,7 +243,141 @@ def _run_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(results) -> None:
+def _print_measures() -> None:
+    """``--list-measures``: one line per registered measure."""
+    for name in sorted(MEASURES):
+        spec = MEASURES[name]
+        print(f"{name:15s} {'symmetric' if spec.symmetric else 'asymmetric':10s} {spec.kind:10s} "
+              f"options={spec.describe()['options']}  {spec.reference}")
+
+
+def _parse_measures(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The requested measures with their options, checked (with the inference flags) before any work."""
+    measures = [parse_measure(m) for m in (args.measures or DEFAULT_MEASURES)]
+    for name, options in measures:
+        get_measure(name).resolve_options(options)
+    if getattr(args, "permutations", 0) or getattr(args, "bootstrap", 0):
+        for name, _ in measures:
+            check_supported(get_measure(name))
+        if not 0 < getattr(args, "ci_level", 0.95) < 1:
+            raise MeasureError(f"--ci-level must be in (0, 1), for example 0.95; got {args.ci_level}.")
+    return measures
+
+
+def _open_stores(paths: Sequence[Path | str], storage_options: dict[str, Any] | None) -> list[ZarrStore]:
+    """The stores at ``paths``, read-only; model names must be unique (they name the result files)."""
+    stores = [ZarrStore(p, read_only=True, storage_options=storage_options) for p in paths]
+    names = [s.name for s in stores]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise MeasureError(f"Several stores share the model name(s) {dupes}; results would overwrite each other. "
+                           "Re-extract with distinct --name values.")
+    return stores
+
+
+def _open_cache(args: argparse.Namespace, paths: Sequence[Path | str],
+                storage_options: dict[str, Any] | None) -> StatisticsCache | None:
+    """The statistics cache of ``--cache`` (default: beside the first store), or None with ``--no-cache``."""
+    if getattr(args, "no_cache", False):
+        return None
+    return StatisticsCache(getattr(args, "cache", None) or default_cache_path([str(p) for p in paths]),
+                           storage_options=storage_options)
+
+
+def engine_config(args: argparse.Namespace, *, progress: Any = None,
+                  cache: StatisticsCache | None = None) -> EngineConfig:
+    """The engine's options from the command's flags: the one place they are translated."""
+    return EngineConfig(device=args.device, layers=args.layers, memory_budget=int(args.memory_budget * 2**30),
+                        undefined=args.undefined, progress=progress, cache=cache,
+                        reduce=getattr(args, "reduce", None), mixed_reductions=getattr(args, "mixed_reductions", False),
+                        precision=getattr(args, "precision", "float64"))
+
+
+class _ProgressBar:
+    """The engine's ``progress`` callback: a bar of pairs, drawn once the stores are checked (``open``),
+    so that refusals print no half-drawn bar."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total = total
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def open(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="measure", unit="pair", disable=self.quiet, leave=False)
+
+    def __call__(self, message: str) -> None:
+        if " × " in message:
+            self.bar.update(1)
+        self.bar.set_postfix_str(message[-40:])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: argparse.Namespace,
+             storage_options: dict[str, Any] | None, progress: _ProgressBar) -> list[PairResult]:
+    """Every measure on every pair of stores (Grams on dask when asked), then the inference statistics."""
+    results: list[PairResult] = []
+    progress.open()
+    try:
+        with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
+            if client is not None or getattr(args, "scheduler", None) == "threads":
+                compute_grams(engine, measures, client=client, storage_options=storage_options, device=args.device)
+        last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
+                        default=-1)
+        for k, (name, options) in enumerate(measures):
+            pairs = store_pairs(len(engine.stores), get_measure(name).symmetric)
+            results.extend(engine.run([(name, options)], pairs, release=k >= last_gram))  # Grams kept for later
+        add_statistics(engine, results, n_permutations=getattr(args, "permutations", 0),
+                       n_resamples=getattr(args, "bootstrap", 0), level=getattr(args, "ci_level", 0.95),
+                       seed=getattr(args, "seed", 0))
+    finally:
+        progress.close()
+    return results
+
+
+def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[ZarrStore],
+                   paths: Sequence[Path | str], args: argparse.Namespace,
+                   storage_options: dict[str, Any] | None) -> tuple[Path | str, Path | str]:
+    """Write the results (CSV, PNG, manifest, report) to ``--out``; returns (manifest, folder).
+
+    Results for a URL are written to a local staging folder, then uploaded.
+    """
+    out_url = str(args.out) if args.out and is_url(args.out) else None
+    staging = tempfile.TemporaryDirectory(prefix="simtorch-results-") if out_url else None
+    out = Path(staging.name) if staging else Path(args.out or DEFAULT_OUT)
+    store_meta = _store_meta(engine, stores, paths)
+    manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
+                             plots=not args.no_plots, extra={"precision": engine.precision})
+    if not getattr(args, "no_report", False):
+        _write_report(results, out, store_meta, engine, manifest, args)
+    if staging is None:
+        return manifest, out
+    upload_folder(out, out_url, storage_options)
+    staging.cleanup()
+    return f"{out_url.rstrip('/')}/{Path(manifest).name}", out_url
+
+
+def _store_meta(engine: Engine, stores: Sequence[ZarrStore], paths: Sequence[Path | str]) -> dict[str, dict[str, Any]]:
+    """Per store name, what the manifest and report record: path, identity, layers and their reductions."""
+    return {s.name: {"path": str(p), "fingerprint": s.info.fingerprint, "n_samples": s.n_samples,
+                     "layers": engine.layers[i], "weights_digest": s.info.weights_digest,
+                     "reductions": {k: engine.stores[i].info.reductions.get(k, "flatten") for k in engine.layers[i]}}
+            for i, (s, p) in enumerate(zip(stores, paths, strict=True))}
+
+
+def _write_report(results: list[PairResult], out: Path, store_meta: dict[str, dict[str, Any]], engine: Engine,
+                  manifest: Path, args: argparse.Namespace) -> None:
+    """``report.html`` beside the manifest, listing the run options that were set."""
+    run_options = {k: getattr(args, k, None) for k in ("layers", "reduce", "mixed_reductions", "undefined",
+                                                        "permutations", "bootstrap")}
+    write_report(results, out, stores=store_meta, device=str(engine.device), manifest=json.loads(
+        Path(manifest).read_text()), options={k: v for k, v in run_options.items() if v not in (None, 0)})
+
+
+def _print_summary(results: list[PairResult]) -> None:
     """For each pair of different stores and each measure: each layer of A's best match in B."""
     for r in results:
         if r.store_a == r.store_b:

@@ -1,4 +1,4 @@
-"""The original simtorch API, on the store engine.
+"""The original simtorch API, on the store engine: one class per measure for a pair of models.
 
 ``CKA(sim_model1, sim_model2, device=...).compute(dataloader)`` runs both
 models over the loader once, captures their layers into ``MemoryStore``s and
@@ -9,6 +9,10 @@ linear CKA on the feature route (``route="features"``, or "auto" when the
 moments are much smaller than n × n Grams) nothing is stored: each batch goes
 from the hooks straight into a ``LinearCKAMatrix`` accumulator, so memory does
 not grow with the number of samples.
+
+The classes here (``measure.CKA``, ``measure.Procrustes`` ...) take two models; the measures
+they compute are defined in ``measure.measures`` (``measure.measures.cka.CKA`` ...), under the
+registry names in each class's ``measure`` attribute.
 """
 
 from __future__ import annotations
@@ -24,16 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.batches import confounder_rows, model_input, to_device
 from extract.hooks import SimilarityModel
-from extract.runner import _confounder_rows, _model_input, _to_device
 from extract.store import INPUTS_ARRAY, LAYERS_GROUP, MemoryStore, StoreInfo
 
-from ._checks import MeasureError, check_finite
 from .accumulators.cka import LinearCKAMatrix, choose_route
 from .engine import Engine, PairResult, default_device
+from .errors import MeasureError
+from .functional.procrustes import OUTPUTS
 from .registry import get_measure
+from .undefined import undefined_value
+from .validation import check_finite, check_min_samples
 
-__all__ = ["CKA", "DeconfoundedCKA", "DeltaCKA", "Similarity", "capture"]
+__all__ = ["CCA", "CKA", "PWCCA", "RSA", "SVCCA", "DeconfoundedCKA", "DeltaCKA", "LinearRegression", "MutualKNN",
+           "Procrustes", "Similarity", "capture"]
 
 
 def _forward_batches(sim_models: list[SimilarityModel], dataloader: Iterable,
@@ -48,9 +56,9 @@ def _forward_batches(sim_models: list[SimilarityModel], dataloader: Iterable,
             hooks.enter_context(m.hooked())
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
         for batch in tqdm(dataloader, total=total, desc="forward", leave=False):
-            inputs = _model_input(batch)
-            outputs = [model.forward(_to_device(inputs, device)) for model in sim_models]
-            yield _confounder_rows(inputs), outputs
+            inputs = model_input(batch)
+            outputs = [model.forward(to_device(inputs, device)) for model in sim_models]
+            yield confounder_rows(inputs), outputs
 
 
 def capture(sim_models: list[SimilarityModel], dataloader: Iterable, device: torch.device,
@@ -66,7 +74,7 @@ def _to_stores(sim_models: list[SimilarityModel], batches: Iterable, store_input
     for rows, outputs in batches:
         digest.update(rows.tobytes())
         n += len(rows)
-        for store_parts, model_outputs in zip(parts, outputs):
+        for store_parts, model_outputs in zip(parts, outputs, strict=True):
             for key, tensor in model_outputs.items():
                 # float64 activations stay float64 (exact); others are held as float32, as in stores
                 kept = tensor if tensor.dtype == torch.float64 else tensor.float()
@@ -76,7 +84,7 @@ def _to_stores(sim_models: list[SimilarityModel], batches: Iterable, store_input
     if n == 0:
         raise ValueError("The dataloader yielded no samples.")
     stores = []
-    for store_parts, model in zip(parts, sim_models):
+    for store_parts, model in zip(parts, sim_models, strict=True):
         info = StoreInfo(model_name=model.model_name, layers=list(model.layers), n_samples=n,
                          chunk_samples=n, samples_done=n, complete=True, inputs_stored=store_inputs,
                          fingerprint=f"memory:sha256:{digest.hexdigest()}:n={n}")
@@ -99,7 +107,7 @@ def _stream_moments(sim_models: list[SimilarityModel], batches: Iterable) -> tup
         xs = [t.reshape(len(t), -1).to(torch.float64) for t in out1.values()]
         ys = [t.reshape(len(t), -1).to(torch.float64) for t in out2.values()]
         for model, name, blocks in ((sim_models[0], "sim_model1", xs), (sim_models[1], "sim_model2", ys)):
-            for layer, block in zip(model.layers, blocks):
+            for layer, block in zip(model.layers, blocks, strict=True):
                 check_finite(block, f"layer {layer!r} of {name} ({model.model_name})", n)
         acc.update(xs, ys)
         n += len(xs[0])
@@ -174,15 +182,16 @@ class Similarity:
         return choose_route("auto", len(dataset), *widths)
 
     def _from_moments(self, spec, options: dict[str, Any], acc: LinearCKAMatrix, n: int) -> PairResult:
-        if spec.feature_route == "cka_debiased" and n < 4:
-            raise MeasureError(f"{spec.name} needs at least 4 samples (unbiased HSIC); the loader yielded {n}.")
+        if spec.feature_route == "cka_debiased":
+            check_min_samples(n, 4, spec.name, "unbiased HSIC")
         out = acc.compute()
         bad_rows, bad_cols = out[f"{spec.feature_route}_undefined"]
         if bad_rows or bad_cols:
             model, layer = ((self.sim_model1, self.sim_model1.layers[bad_rows[0]]) if bad_rows
                             else (self.sim_model2, self.sim_model2.layers[bad_cols[0]]))
-            raise MeasureError(f"{spec.name} is undefined for layer {layer!r} of {model.model_name!r}: its "
-                               "self-HSIC is zero (a constant layer) or negative; leave the layer out.")
+            undefined_value(spec.name, f"layer {layer!r} of {model.model_name!r}",
+                            "its self-HSIC is zero (a constant layer) or negative; leave the layer out",
+                            advice=("", ""))
         matrix = out[spec.feature_route].detach().to("cpu", torch.float64).numpy()
         return PairResult(measure=spec.name, options=options, store_a=self.sim_model1.model_name,
                           store_b=self.sim_model2.model_name, rows=list(self.sim_model1.layers),
@@ -196,7 +205,7 @@ class Similarity:
         With ``savefig=True`` the figure is saved as ``save_path/<title>.png``
         (``save_path`` may also name a ``.png``/``.pdf``/``.svg`` file).
         """
-        from .results import plot_matrix
+        from .report.heatmaps import plot_matrix
 
         if self.result is None:
             raise RuntimeError("Nothing to plot yet: call compute(dataloader) first.")
@@ -215,7 +224,10 @@ class Similarity:
 
 
 class CKA(Similarity):
-    """Linear CKA (Kornblith et al. 2019); ``unbiased=True`` uses the debiased estimator."""
+    """Linear CKA (Kornblith et al. 2019) between the layers of two models; ``unbiased=True``: debiased.
+
+    The measures themselves are ``measure.measures.cka.CKA`` (``cka``) and ``DebiasedCKA`` (``cka_debiased``).
+    """
 
     def __init__(self, sim_model1: SimilarityModel, sim_model2: SimilarityModel,
                  device: str | torch.device | None = None, unbiased: bool = False, **options: Any) -> None:
@@ -243,3 +255,70 @@ class DeconfoundedCKA(Similarity):
 
 DeltaCKA = DeconfoundedCKA
 
+
+class Procrustes(Similarity):
+    """Orthogonal Procrustes between the layers of two models (Ding et al. 2021; Williams et al. 2021).
+
+    Parameters
+    ----------
+    sim_model1, sim_model2 : SimilarityModel
+    device : str or torch.device, default=None
+    output : {"similarity", "euclidean", "angular"}, default="similarity"
+        ‖XᵀY‖_* (registry entry ``procrustes``), √(2 − 2‖XᵀY‖_*) (``procrustes_euclidean``)
+        or arccos ‖XᵀY‖_* (``procrustes_angular``); the measures are the classes of
+        ``measure.measures.procrustes``.
+    """
+
+    measure = "procrustes"
+    similarity_name = "Procrustes"
+
+    def __init__(self, sim_model1: SimilarityModel, sim_model2: SimilarityModel,
+                 device: str | torch.device | None = None, output: str = "similarity", **options: Any) -> None:
+        super().__init__(sim_model1, sim_model2, device, **options)
+        if output not in OUTPUTS:
+            raise MeasureError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        if output != "similarity":
+            self.measure = f"procrustes_{output}"
+            self.similarity_name = f"Procrustes {output} distance"
+
+
+class CCA(Similarity):
+    """Mean canonical correlation ρ̄ (``output="r2"``: R²_CCA); ≈ 1 when features ≥ samples (a warning says so)."""
+
+    measure = "cca"
+    similarity_name = "CCA"
+
+
+class SVCCA(Similarity):
+    """SVCCA (Raghu et al. 2017); options ``variance`` (0.99), ``dims`` (0: no cap), ``output``."""
+
+    measure = "svcca"
+    similarity_name = "SVCCA"
+
+
+class PWCCA(Similarity):
+    """Projection-weighted CCA (Morcos et al. 2018); the weights come from ``sim_model1``'s layers."""
+
+    measure = "pwcca"
+    similarity_name = "PWCCA"
+
+
+class LinearRegression(Similarity):
+    """R² of predicting each layer of ``sim_model1`` (rows) from each layer of ``sim_model2`` (columns)."""
+
+    measure = "linreg"
+    similarity_name = "Linear regression R²"
+
+
+class RSA(Similarity):
+    """RSA (Kriegeskorte et al. 2008); options ``rdm`` ("correlation"/"euclidean"), ``compare`` (spearman/pearson)."""
+
+    measure = "rsa"
+    similarity_name = "RSA"
+
+
+class MutualKNN(Similarity):
+    """Mutual k-NN alignment (Huh et al. 2024), cosine neighbourhoods; option ``k`` (10)."""
+
+    measure = "mutual_knn"
+    similarity_name = "Mutual k-NN"

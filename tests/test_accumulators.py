@@ -182,21 +182,22 @@ def test_docstring_examples():
     import doctest
     import importlib
 
-    for name in ("measure.accumulators.cka", "measure.functional.cka"):
-        module = importlib.import_module(name)  # (the package re-exports a function named cka)
+    for name in ("measure.accumulators.cka", "measure.functional.cka", "measure.comparison", "measure.validation"):
+        module = importlib.import_module(name)  # (the package re-exports functions named cka and compare)
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, name
 
 
 def test_compare_auto_route_takes_features_for_many_samples_and_few_features(monkeypatch):
-    import measure.registry as registry
+    import importlib
 
+    compare_module = importlib.import_module("measure.comparison")
     rng = np.random.default_rng(12)
     x, y = rng.normal(size=(3000, 4)), rng.normal(size=(3000, 3))
     y[:, 0] += x[:, 0]
     calls = []
-    original = registry._compare_features
-    monkeypatch.setattr(registry, "_compare_features", lambda *a: calls.append(a[0].name) or original(*a))
+    original = compare_module._compare_features
+    monkeypatch.setattr(compare_module, "_compare_features", lambda *a: calls.append(a[0].name) or original(*a))
     for name in ("cka", "cka_debiased"):
         auto = compare(x, y, name)
         assert auto == pytest.approx(compare(x, y, name, route="gram"), abs=1e-10)

@@ -13,8 +13,8 @@ from torch import nn
 
 from extract.runner import extract
 from extract.store import ZarrStore
-from measure.cache import CACHE_NAME, ENTRIES, StatisticsCache, default_cache_path
 from measure.engine import Engine
+from measure.engine.cache import CACHE_NAME, ENTRIES, StatisticsCache, default_cache_path
 
 N = 48
 
@@ -142,15 +142,15 @@ def test_killed_writer_leaves_no_reusable_entry(tmp_path):
     script = f"""
 import os, numpy as np
 from extract.store import ZarrStore
-from measure.cache import StatisticsCache
+from measure.engine.cache import StatisticsCache
 cache = StatisticsCache({str(tmp_path / 'c.zarr')!r})
 store = ZarrStore({str(paths[0])!r})
-import measure.cache
-original = measure.cache._write
+import measure.engine.cache
+original = measure.engine.cache._write
 def die_after_data(array, value):
     original(array, value)
     os._exit(9)
-measure.cache._write = die_after_data
+measure.engine.cache._write = die_after_data
 cache.put(store, "0", np.ones((48, 48)))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True)
@@ -228,16 +228,16 @@ def test_each_store_layer_statistic_is_computed_once_for_all_pairs_and_measures(
     pairs = [(i, j) for i in range(4) for j in range(4)]
     results = engine.run([("cka", {}), ("cka_debiased", {}), ("dcka", {})], pairs)
     assert len(results) == 3 * 16 and engine.statistics_computed == 4 * 2
-    assert len(engine._grams) == 4 * 2  # memory held: one Gram per (store, layer), not per pair
+    assert len(engine.layer_statistics.held("gram")) == 4 * 2  # memory held: one Gram per (store, layer), not per pair
 
 
 def test_entries_over_several_chunks_are_plain_zarr(tmp_path, monkeypatch):
-    # entries are written and read through their chunk files (extract.chunk_files); zarr must agree
+    # entries are written and read through their chunk files (extract.store.chunk_files); zarr must agree
     import zarr
 
-    import measure.cache
+    import measure.engine.cache
 
-    monkeypatch.setattr(measure.cache, "CHUNK_BYTES", 7 * N * 8)  # 7 rows a chunk: 6 whole chunks, a partial one
+    monkeypatch.setattr(measure.engine.cache, "CHUNK_BYTES", 7 * N * 8)  # 7 rows a chunk: 6 whole chunks, a partial one
     paths = make_zoo(tmp_path, [0])
     store = ZarrStore(paths[0])
     value = np.random.default_rng(3).standard_normal((N, N))
@@ -261,19 +261,19 @@ def test_cached_grams_are_loaded_once_per_run_and_released_after_the_last_gram_m
     reference = _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu"), measures)
     first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
     _all_pairs(first, measures)
-    assert first.statistics_computed == 6 and not first._grams  # computed, cached, then released
+    assert first.statistics_computed == 6 and not first.layer_statistics.held("gram")  # computed, cached, then released
     cache = StatisticsCache(tmp_path / "c.zarr")
     warm = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
     results = _all_pairs(warm, measures)
     assert warm.statistics_computed == 0 and cache.hits == 6 and cache.misses == 0  # each Gram loaded once
-    assert not warm._grams
+    assert not warm.layer_statistics.held("gram")
     assert results.keys() == reference.keys()
     for key, matrix in results.items():
         np.testing.assert_allclose(matrix, reference[key], rtol=1e-12, atol=1e-12, err_msg=str(key))
     np.testing.assert_allclose(warm.gram(1, "0").numpy(), _reference_gram(paths[1], "0"), rtol=1e-12, atol=1e-9)
     uncached = Engine([ZarrStore(p) for p in paths], device="cpu")
     _all_pairs(uncached, measures)
-    assert len(uncached._grams) == 6  # nothing to reload them from: kept
+    assert len(uncached.layer_statistics.held("gram")) == 6  # nothing to reload them from: kept
 
 
 def test_cli_loads_each_cached_gram_once_across_measures(tmp_path, capsys):

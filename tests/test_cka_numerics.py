@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from measure import MeasureError, compare
-from measure.functional import cka, cka_debiased, cka_minibatch, cka_rbf, dcka
+from measure import MeasureError, cka, cka_debiased, cka_minibatch, cka_rbf, compare, dcka
 
 # ----------------------------------------------------------------------------- references
 

@@ -12,7 +12,7 @@ import torch
 from _extract_models import images, small_cnn
 
 import pipeline
-from extract import ZarrStore
+from extract import ZarrStore, extract
 
 PIPELINE = Path(pipeline.__file__).resolve()
 
@@ -195,3 +195,28 @@ def test_demo_zoo_trains_and_extracts(tmp_path, monkeypatch, capsys):
     assert len(ZOO) >= 5 and sum(m.name.startswith("cnn_seed") for m in ZOO) >= 3
     code, out, _ = run(["extract", "--quiet"], capsys)  # cached models, cached stores
     assert code == 0 and out.count("cached ") == len(ZOO) and out.count("already complete") == len(ZOO)
+
+
+def test_flags_and_toml_give_one_plan(files, tmp_path):
+    import inspect
+
+    from extract.cli import extract_command_parser, plan_extract
+    from extract.dask_jobs import extract_job
+
+    flags = extract_command_parser().parse_args(base_args(files, "--name", "cnn", "--layers", "conv*", "fc2",
+                                                          "--batch-size", "7", "--dtype", "float16")[1:])
+    config = tmp_path / "one.toml"
+    config.write_text(f'data = "{files["x"]}"\nout = "{files["out"]}"\nbatch_size = 7\ndtype = "float16"\n'
+                      f'[[models]]\nmodel = "_extract_models:small_cnn"\nweights = "{files["weights"]}"\n'
+                      'name = "cnn"\nlayers = ["conv*", "fc2"]\n')
+    toml = extract_command_parser().parse_args(["--config", str(config), "--quiet"])
+    plan = plan_extract(flags)
+    assert plan == plan_extract(toml)
+    [job] = plan.model_jobs("DATA", "cpu")
+    assert job.path == files["out"] / "cnn.zarr" and job.data == "DATA"
+    assert job.options.model_spec == f"_extract_models:small_cnn|weights={files['weights']}"
+    assert (job.options.batch_size, job.options.dtype, job.options.device) == (7, "float16", "cpu")
+    assert not job.options.progress and job.options.store_inputs and job.options.layers == ["conv*", "fc2"]
+    extract_options = set(inspect.signature(extract).parameters) - {"model", "data", "path", "options", "progress"}
+    assert set(job.task()) == {"model", "data", "path", "weights", "max_length"} | extract_options
+    assert set(inspect.signature(extract_job).parameters) >= {"model", "data", "path", "weights", "max_length"}

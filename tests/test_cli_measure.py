@@ -108,6 +108,21 @@ def test_parser_standalone():
     assert args.stores == ["a.zarr"] and args.measures == ["cka"] and args.undefined == "nan"
 
 
+def test_measure_cli_parser_standalone_and_registered():
+    import argparse
+
+    from measure.cli import engine_config, measure_command, measure_command_parser
+
+    args = measure_command_parser().parse_args(["a.zarr", "--memory-budget", "0.5", "--precision", "float32"])
+    config = engine_config(args)
+    assert config.memory_budget == 2**29 and config.precision == "float32" and config.undefined == "raise"
+    assert not hasattr(args, "func")
+    root = argparse.ArgumentParser()
+    measure_command_parser(root.add_subparsers())
+    args = root.parse_args(["measure", "a.zarr", "b.zarr", "--layers", "fc*"])
+    assert args.func is measure_command and args.stores == ["a.zarr", "b.zarr"] and args.layers == ["fc*"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from extract.runner import extract
 from extract.store import ZarrStore
-from measure.cache import StatisticsCache
-from measure.distributed import compute_grams, dask_client
 from measure.engine import Engine
+from measure.engine.cache import StatisticsCache
+from measure.engine.dask_tasks import compute_grams, dask_client
 
 N = 48
 
@@ -67,7 +67,7 @@ def test_threaded_scheduler_equals_local(zoo):
 
 def test_threaded_scheduler_passes_the_precision_and_its_cache_key(zoo, tmp_path):
     """float32 Gram tasks equal the engine's own float32 Grams and land in the cache under the float32 key."""
-    from measure.cache import StatisticsCache
+    from measure.engine.cache import StatisticsCache
 
     paths, _ = zoo
     cache = StatisticsCache(tmp_path / "cache.zarr")
@@ -119,7 +119,7 @@ def test_existing_cluster_by_address_and_cli(zoo, tmp_path, capsys):
         code = main(["measure", *map(str, paths), "--measures", "cka", "--scheduler", cluster.scheduler_address,
                      "--no-cache", "--no-plots", "--quiet", "--out", str(out)])
         assert code == 0
-    from measure.results import read_matrix_csv
+    from measure.report import read_matrix_csv
 
     _, _, got = read_matrix_csv(out / "cka" / "m0__m1.csv")
     np.testing.assert_allclose(got, local[("cka", "m0", "m1")], rtol=0, atol=1e-9)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import measure.statistics as statistics
+import measure.engine.streaming as statistics
 from extract.store import INPUTS_ARRAY, LAYERS_GROUP, StoreError, StoreInfo, ZarrStore
 from measure import MeasureError, compare
 from measure.engine import Engine, default_device
@@ -93,7 +93,7 @@ def test_store_path_equals_compare(stores, chunk, budget, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = engine.run(MEASURES, [(0, 1)])
-    for (name, options), result in zip(MEASURES, results):
+    for (name, options), result in zip(MEASURES, results, strict=True):
         assert result.rows == list(a) and result.cols == list(b)
         np.testing.assert_allclose(result.matrix, _expected(a, b, inputs, name, options), atol=1e-10, rtol=0,
                                    err_msg=f"{name} {options}")
@@ -127,7 +127,7 @@ def test_pairs_of_many_stores_are_slices_of_one_product(stores, tmp_path, monkey
             warnings.simplefilter("ignore")
             results = engine.run([(name, options)], pairs)
         assert grouped == [len(a) + len(b) + len(c)], name
-        for (i, j), result in zip(pairs, results):
+        for (i, j), result in zip(pairs, results, strict=True):
             rows = [k for k, layer in enumerate(arrays[i]) if not (i == 2 and layer == "fc")]
             cols = [k for k, layer in enumerate(arrays[j]) if not (j == 2 and layer == "fc")]
             defined = {k: v for k, v in arrays[i].items() if not (i == 2 and k == "fc")}, \
@@ -223,7 +223,7 @@ def test_cuda_path_equals_cpu_path(stores):
         warnings.simplefilter("ignore")
         cpu = Engine(list(made[16]), device="cpu").run(MEASURES, [(0, 1)])
         gpu = Engine(list(made[16]), device="cuda", memory_budget=4000).run(MEASURES, [(0, 1)])
-    for c, g in zip(cpu, gpu):
+    for c, g in zip(cpu, gpu, strict=True):
         np.testing.assert_allclose(g.matrix, c.matrix, atol=1e-10, rtol=0, err_msg=c.measure)
     x, y = torch.from_numpy(a["wide"]).cuda(), torch.from_numpy(b["l1"]).cuda()
     for route in ("gram", "features"):
@@ -302,3 +302,44 @@ def test_dcka_without_inputs_and_debiased_with_too_few_samples(tmp_path):
         engine.run([("cca_typo", {})], [(0, 1)])
     with pytest.raises(MeasureError, match="Unknown option"):
         engine.run([("cka", {"bandwidth": 1})], [(0, 1)])
+
+
+def test_engine_config_is_the_same_as_keywords(stores):
+    """``Engine(stores, config=EngineConfig(...))`` equals ``Engine(stores, **options)``; both at once is refused."""
+    from measure.engine import EngineConfig
+
+    made = stores[3][16]
+    config = EngineConfig(device="cpu", layers=["wide", "l*"], undefined="nan", memory_budget=4000)
+    by_config, by_keywords = Engine(list(made), config=config), Engine(list(made), **config.__dict__)
+    assert by_config.layers == by_keywords.layers == [["wide"], ["l1", "l2"]]
+    assert by_config.memory_budget == 4000 and by_config.undefined == "nan" and by_config.precision == "float64"
+    got, want = (e.run([("cka", {"route": "gram"})], [(0, 1)])[0].matrix for e in (by_config, by_keywords))
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(TypeError, match="not both"):
+        Engine(list(made), config=config, device="cpu")
+
+
+def test_layer_statistics_answer_from_memory_then_compute(stores):
+    """One statistic, asked twice, is computed once; per-batch Grams and features are not held."""
+    made = stores[3][16]
+    engine = Engine(list(made), device="cpu")
+    stats = engine.layer_statistics
+    key = stats.key("gram", 0, "wide")
+    assert stats.get(key) is stats.get(key) and stats.computed == 1 and stats.held() == [key]
+    blocks = stats.key("gram_blocks", 0, "wide", batch_size=8)
+    assert len(stats.get(blocks)) == N // 8 and stats.computed == 2 and blocks not in stats.held()
+    features = stats.get(stats.key("features", 1, "l1"))
+    assert features.shape == (N, 20) and stats.computed == 3 and stats.held() == [key]
+    stats.release("gram", 0)  # nothing to reload it from (no cache): kept
+    assert stats.held("gram") == [key]
+    with pytest.raises(ValueError, match="Unknown statistic kind"):
+        stats.key("moment", 0)
+
+
+def test_undefined_value_raises_or_warns_naming_measure_and_place():
+    from measure.undefined import API_ADVICE, undefined_value
+
+    with pytest.raises(MeasureError, match=r"^cka is undefined for layer 'b' of S: a reason\. Drop the layer"):
+        undefined_value("cka", "layer 'b' of S", "a reason")
+    with pytest.warns(UserWarning, match=r"^cka is undefined for x: a reason\.$"):
+        undefined_value("cka", "x", "a reason", "nan", advice=API_ADVICE)

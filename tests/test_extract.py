@@ -270,3 +270,26 @@ def test_a_model_that_modifies_its_input_in_place(tmp_path):
     store, ref = ZarrStore(tmp_path / "i.zarr"), ZarrStore(tmp_path / "ref.zarr")
     np.testing.assert_array_equal(store.read_inputs(), original.numpy().reshape(9, -1))  # inputs as given
     assert store.info.fingerprint == ref.info.fingerprint
+
+
+def test_extract_options_object_is_the_keyword_options(tmp_path):
+    import dataclasses
+    import inspect
+
+    from extract import ExtractOptions
+
+    defaults = {name: p.default for name, p in inspect.signature(extract).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "options"}
+    assert defaults == {f.name: f.default for f in dataclasses.fields(ExtractOptions)}
+    x = images(20, seed=4)
+    by_keywords = extract(small_cnn(), x, tmp_path / "kw.zarr", layers=["conv2", "fc2"], batch_size=6,
+                          dtype="float16", chunk_bytes=4096, progress=False)
+    options = ExtractOptions(layers=["conv2", "fc2"], batch_size=6, dtype="float16", chunk_bytes=4096, progress=False)
+    by_object = extract(small_cnn(), x, tmp_path / "obj.zarr", options=options)
+    assert by_keywords.layers == by_object.layers and not by_object.cached
+    a, b = ZarrStore(tmp_path / "kw.zarr"), ZarrStore(tmp_path / "obj.zarr")
+    assert a.info.request == b.info.request and a.info.chunk_samples == b.info.chunk_samples
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.read_layer(layer), b.read_layer(layer))
+    with pytest.raises(TypeError, match="either as options="):
+        extract(small_cnn(), x, tmp_path / "both.zarr", options=options, batch_size=3)

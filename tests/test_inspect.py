@@ -14,7 +14,7 @@ import torch
 import pipeline
 from extract import ZarrStore, extract
 from extract.demo import DEMO_LAYERS, cnn, digits
-from measure.inspect import comparability_groups, human_bytes, list_stores, summarize
+from extract.store.summary import comparability_groups, human_bytes, list_stores, summarize
 
 
 @pytest.fixture(scope="module")

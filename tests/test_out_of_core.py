@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from extract.store import StoreInfo, ZarrStore
-from measure.statistics import gram_block_rows, layer_gram
+from measure.engine.streaming import gram_block_rows, layer_gram
 
 ROOT = Path(__file__).parents[1]
 MiB = 2**20
@@ -62,7 +62,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 from extract.store import ZarrStore
 from measure.engine import Engine
-from measure.statistics import layer_gram
+from measure.engine.streaming import layer_gram
 
 path, budget, allowance, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
@@ -126,7 +126,7 @@ def test_nan_in_a_late_row_is_reported_out_of_core(tmp_path):
     import zarr
 
     zarr.open_group(str(path))["layers/wide"][33, 7] = np.nan
-    from measure._checks import MeasureError
+    from measure.errors import MeasureError
 
     with pytest.raises(MeasureError, match=r"NaN or Inf in 1 sample\(s\), between sample 33 and 33"):
         layer_gram(ZarrStore(path), "wide", torch.device("cpu"), 30_000)
@@ -137,8 +137,8 @@ def test_nan_in_a_late_row_is_reported_out_of_core(tmp_path):
 def test_layer_features_in_staging_groups_and_in_one_read(tmp_path, monkeypatch, stored, dtype):
     """Rows decoded straight into the result (float32 → float32) or through a small staging buffer
     (3 chunks per read here, the last read partial) equal the stored rows; a NaN is named by its row."""
-    import measure.statistics as statistics
-    from measure._checks import MeasureError
+    import measure.engine.streaming as statistics
+    from measure.errors import MeasureError
 
     n, chunk = 23, 2
     x = np.random.default_rng(3).standard_normal((n, 4, 5)).astype(stored)
@@ -184,7 +184,7 @@ def test_store_four_times_the_memory_limit(tmp_path):
 def test_layer_grams_reading_ahead_into_freed_memory(tmp_path, precision):
     """``layer_grams`` reads each layer into the memory of the layer before last when it is big enough:
     every Gram still equals NumPy's, whatever the order of wide and narrow layers."""
-    from measure.statistics import layer_grams
+    from measure.engine.streaming import layer_grams
 
     n, widths = 30, {"a": 500, "b": 40, "c": 300, "d": 700, "e": 20, "f": 650}
     rng = np.random.default_rng(4)
@@ -199,7 +199,7 @@ def test_layer_grams_reading_ahead_into_freed_memory(tmp_path, precision):
     store = ZarrStore(tmp_path / "s.zarr")
     jobs = [(store, name) for name in ["a", "b", "c", "d", "e", "f", "a", "c"]]
     grams = list(layer_grams(jobs, torch.device("cpu"), 1 << 30, precision))
-    for (_, name), gram in zip(jobs, grams):
+    for (_, name), gram in zip(jobs, grams, strict=True):
         x = arrays[name].astype(np.float64)
         np.testing.assert_allclose(gram.numpy(), x @ x.T, rtol=1e-6 if precision == "float32" else 1e-12,
                                    atol=1e-6 * np.abs(x @ x.T).max())

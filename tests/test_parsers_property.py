@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pipeline
-from extract.hooks import LayerSelectionError, _glob_regex, resolve_layers
+from extract.cli import CommandError, extract_command_parser, plan_extract
+from extract.globs import glob_regex
+from extract.hooks import LayerSelectionError, resolve_layers
 from extract.specs import SpecError, load_data, load_model
 from measure import MEASURES, MeasureError
 from measure.cli import parse_measure
@@ -83,7 +84,7 @@ def _toml(value) -> str:
 
 
 def _namespace(config: str) -> argparse.Namespace:
-    parser = pipeline.extract_command_parser()
+    parser = extract_command_parser()
     return parser.parse_args(["--config", config])
 
 
@@ -98,17 +99,17 @@ def test_extract_config_parser_accepts_or_names_the_problem(tmp_path_factory, co
         return  # our TOML writer cannot express this value; not a case for the parser under test
     path.write_text(text)
     try:
-        models, shared = pipeline._extract_jobs(_namespace(str(path)))
-    except pipeline.CommandError as exc:
+        plan = plan_extract(_namespace(str(path)))
+    except CommandError as exc:
         message = str(exc).lower()
         assert any(w in message for w in (str(path).lower(), "model", "key", "batch", "dtype")), message
         return
-    assert isinstance(models, list)
-    for m in models:
+    assert isinstance(plan.models, list)
+    for m in plan.models:
         assert isinstance(m["name"], str) and m["name"]
         assert m["layers"]
-    assert isinstance(shared["batch_size"], int) and shared["batch_size"] > 0
-    assert shared["dtype"] in ("float32", "float16")
+    assert isinstance(plan.options.batch_size, int) and plan.options.batch_size > 0
+    assert plan.options.dtype in ("float32", "float16")
 
 
 @FAST
@@ -138,7 +139,7 @@ def test_specs_naming_missing_modules_raise_spec_error(module, attr):
 @FAST
 @given(st.text(alphabet=string.ascii_letters + string.digits + "._*?[]!-", min_size=1, max_size=16))
 def test_layer_globs_compile_and_match_like_fnmatch_within_a_name_part(pattern):
-    regex = _glob_regex(pattern)
+    regex = glob_regex(pattern)
     assert isinstance(regex, re.Pattern)
     import fnmatch
 

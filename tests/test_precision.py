@@ -15,8 +15,8 @@ from test_engine import write_store
 
 import pipeline
 from measure import MeasureError
-from measure.cache import StatisticsCache
 from measure.engine import Engine
+from measure.engine.cache import StatisticsCache
 from measure.functional.gram import cross_gram, linear_gram
 
 SHAPES = [(40, 7), (64, 300), (300, 9000), (600, 700)]  # p > n, p above the 4096-feature block, n above 512
@@ -140,7 +140,7 @@ def test_engine_float32_matches_float64(pair_stores, budget):
     kwargs = {"memory_budget": budget} if budget else {}
     exact = Engine(list(pair_stores), device="cpu", **kwargs).run(FLOAT32_MEASURES, [(0, 1)])
     fast = Engine(list(pair_stores), device="cpu", precision="float32", **kwargs).run(FLOAT32_MEASURES, [(0, 1)])
-    for e, f in zip(exact, fast):
+    for e, f in zip(exact, fast, strict=True):
         np.testing.assert_allclose(f.matrix, e.matrix, atol=1e-7, rtol=0, err_msg=e.measure)
 
 
@@ -150,7 +150,7 @@ def test_cuda_float32_matches_cpu_float64(pair_stores):
     exact = Engine(list(pair_stores), device="cpu").run(FLOAT32_MEASURES, [(0, 1)])
     fast = Engine(list(pair_stores), device="cuda", precision="float32", memory_budget=4000).run(FLOAT32_MEASURES,
                                                                                                  [(0, 1)])
-    for e, f in zip(exact, fast):
+    for e, f in zip(exact, fast, strict=True):
         np.testing.assert_allclose(f.matrix, e.matrix, atol=1e-7, rtol=0, err_msg=e.measure)
 
 

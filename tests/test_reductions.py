@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract import ZarrStore, extract
-from extract.reductions import ReducedStore, Reduction, ReductionError, parse_rules, reduce_store
 from extract.store import StoreError
+from extract.store.reductions import ReducedStore, Reduction, ReductionError, parse_rules, reduce_store
 from measure.engine import Engine
 
 

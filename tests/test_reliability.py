@@ -118,7 +118,7 @@ def test_sigkill_extract_at_20_random_points(tmp_path, reference_store, subproce
 
 
 def _csvs_are_whole(out: Path) -> None:
-    from measure.results import read_matrix_csv
+    from measure.report import read_matrix_csv
 
     for csv_path in out.rglob("*.csv"):
         rows, cols, matrix = read_matrix_csv(csv_path)
@@ -139,7 +139,7 @@ def test_sigkill_measure_leaves_no_partial_result(tmp_path, reference_store, sub
             "--measures", "cka", "cka_debiased", "cka_rbf", "dcka"]
     done = _worker(args, subprocess_env_module)
     assert done.returncode == 0, done.stderr
-    _, _, want = __import__("measure.results", fromlist=["x"]).read_matrix_csv(complete / "cka" / "net__net.csv")
+    _, _, want = __import__("measure.report", fromlist=["x"]).read_matrix_csv(complete / "cka" / "net__net.csv")
     rng = random.Random(3)
     out = tmp_path / "out"
     for _ in range(4):
@@ -152,7 +152,7 @@ def test_sigkill_measure_leaves_no_partial_result(tmp_path, reference_store, sub
         assert not list(out.rglob("*.tmp")) or all(p.name.startswith(".") for p in out.rglob("*.tmp"))
     rerun = _worker(args[:4] + [str(out)] + args[5:], subprocess_env_module)
     assert rerun.returncode == 0, rerun.stderr
-    from measure.results import read_matrix_csv
+    from measure.report import read_matrix_csv
 
     np.testing.assert_array_equal(read_matrix_csv(out / "cka" / "net__net.csv")[2], want)
 
@@ -264,7 +264,7 @@ def _cache_entries_sound(cache_path: Path) -> int:
     """Every complete cache entry's bytes match its recorded SHA-256; returns how many are complete."""
     import crc32c
 
-    from measure.cache import StatisticsCache
+    from measure.engine.cache import StatisticsCache
 
     cache = StatisticsCache(cache_path)
     complete = 0
@@ -297,7 +297,7 @@ def test_sigkill_measure_leaves_no_corrupt_cache_entry(tmp_path, reference_store
 
 
 def test_two_measure_processes_share_one_cache(tmp_path, reference_store, subprocess_env_module):
-    from measure.results import read_matrix_csv
+    from measure.report import read_matrix_csv
 
     cache = tmp_path / "shared-cache.zarr"
     common = ["--quiet", "--no-plots", "--no-report", "--measures", "cka", "cka_debiased", "--cache", str(cache)]

@@ -132,7 +132,7 @@ def test_report_content(run):
     for name in ("seedA", "seedB", "wide"):
         assert manifest["stores"][name]["path"] in page
     # the best-match table equals the matrix on disk
-    from measure.results import read_matrix_csv
+    from measure.report import read_matrix_csv
 
     entry = next(e for e in results if e["measure"] == "cka" and {e["store_a"], e["store_b"]} == {"seedA", "seedB"})
     rows, cols, matrix = read_matrix_csv(run / entry["csv"])

@@ -17,9 +17,9 @@ moto_server = pytest.importorskip("moto.server")
 
 from extract.runner import extract  # noqa: E402
 from extract.store import ZarrStore  # noqa: E402
-from measure.cache import StatisticsCache  # noqa: E402
 from measure.engine import Engine  # noqa: E402
-from measure.results import read_matrix_csv  # noqa: E402
+from measure.engine.cache import StatisticsCache  # noqa: E402
+from measure.report import read_matrix_csv  # noqa: E402
 
 N = 48
 BUCKET = "simtorch-test"
@@ -114,7 +114,7 @@ def test_measure_from_s3_equals_local(zoos):
     pairs = [(0, 1), (1, 2), (0, 0)]
     run = Engine([ZarrStore(f"{remote}/m{s}.zarr") for s in (0, 1, 2)], device="cpu").run(measures, pairs)
     ref = Engine([ZarrStore(local / f"m{s}.zarr") for s in (0, 1, 2)], device="cpu").run(measures, pairs)
-    for a, b in zip(run, ref):
+    for a, b in zip(run, ref, strict=True):
         np.testing.assert_allclose(a.matrix, b.matrix, rtol=0, atol=1e-12)
 
 

@@ -1,4 +1,4 @@
-"""Permutation tests and bootstrap intervals (measure.stats): calibration, power, reproducibility, the CLI."""
+"""Permutation tests and bootstrap intervals (measure.inference): calibration, power, reproducibility, the CLI."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from extract.store import StoreInfo, ZarrStore
 from measure import MEASURES, MeasureError, bootstrap, compare, permutation_test
 from measure.engine import Engine
-from measure.registry import statistic_of
-from measure.stats import _take, pair_statistics
+from measure.inference import _take, pair_statistics
+from measure.measures.base import statistic_of
 
 
 def _independent(rng, n, widths):
@@ -193,7 +193,7 @@ def test_engine_statistics_equal_the_in_memory_ones(tmp_path):
 
 
 def test_cli_writes_pvalues_and_intervals_beside_the_matrices(tmp_path, capsys):
-    from measure.results import read_matrix_csv
+    from measure.report import read_matrix_csv
     from pipeline import main
 
     paths, a, b, _ = _zoo(tmp_path)

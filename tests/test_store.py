@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from extract import ActivationStore, MemoryStore, StoreError, StoreInfo, ZarrStore, open_store
-from extract.runner import chunk_samples
+from extract.store import chunk_samples
 
 
 class StoreTests:
@@ -192,10 +192,10 @@ def test_chunk_rows_are_even_and_bounded(bytes_per_sample, n, chunk_bytes, expec
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_direct_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype):
-    # ZarrStore.write encodes whole chunks itself (extract.chunk_files); zarr must have written the same bytes
+    # ZarrStore.write encodes whole chunks itself (extract.store.chunk_files); zarr must have written the same bytes
     import zarr
 
-    from extract.chunk_files import ChunkFiles
+    from extract.store.chunk_files import ChunkFiles
 
     x = np.maximum(np.random.default_rng(5).standard_normal((23, 6, 5)), 0).astype(dtype)  # ReLU-like zeros
     store = ZarrStore(tmp_path / "ours.zarr", read_only=False, create=True)
@@ -224,7 +224,7 @@ def test_direct_chunk_files_only_for_the_chain_they_reproduce(tmp_path):
     import zarr
     from zarr.codecs import ZstdCodec
 
-    from extract.chunk_files import ChunkFiles
+    from extract.store.chunk_files import ChunkFiles
 
     group = zarr.open_group(tmp_path / "g.zarr", mode="w")
     other = group.create_array("zstd", shape=(8, 3), chunks=(4, 3), dtype="float32", compressors=[ZstdCodec()])
@@ -234,10 +234,10 @@ def test_direct_chunk_files_only_for_the_chain_they_reproduce(tmp_path):
 
 @pytest.mark.parametrize(("start", "stop"), [(0, 23), (0, 8), (3, 9), (5, 23), (20, 23), (7, 7)])
 def test_direct_chunk_reads_match_the_rows(tmp_path, start, stop):
-    # ZarrStore.read decodes chunk files straight into the result (extract.chunk_files), zarr only as fallback
+    # ZarrStore.read decodes chunk files straight into the result (extract.store.chunk_files), zarr only as fallback
     import zarr
 
-    from extract.chunk_files import ChunkFiles
+    from extract.store.chunk_files import ChunkFiles
 
     x = np.random.default_rng(6).standard_normal((23, 6, 5)).astype(np.float32)
     store = ZarrStore(tmp_path / "s.zarr", read_only=False, create=True)
@@ -256,7 +256,7 @@ def test_direct_chunk_reads_match_the_rows(tmp_path, start, stop):
 def test_direct_chunk_reads_give_way_to_zarr_on_a_bad_chunk(tmp_path):
     import zarr
 
-    from extract.chunk_files import ChunkFiles
+    from extract.store.chunk_files import ChunkFiles
 
     path, x = _complete_store(tmp_path)
     files = ChunkFiles.of(zarr.open_array(path / "layers/conv", mode="r"))

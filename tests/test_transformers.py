@@ -19,9 +19,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from extract import ZarrStore, extract  # noqa: E402
-from extract.reductions import ReducedStore, Reduction  # noqa: E402
 from extract.specs import load_data, load_model  # noqa: E402
 from extract.store import MASK_ARRAY, StoreError  # noqa: E402
+from extract.store.reductions import ReducedStore, Reduction  # noqa: E402
 from extract.text import Texts, TokenizedTexts, load_tokenizer, tokenize_for_model  # noqa: E402
 from measure.engine import Engine  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_token_reductions_are_padding_free_and_match_a_direct_computation(tmp_pa
         for s in stores:
             np.testing.assert_allclose(s.read_layer("encoder.layer.1"), expected, rtol=1e-4, atol=1e-5)
     m = [Engine([s, stores[0]]).run([("cka", {}), ("cka_debiased", {})], [(0, 1)]) for s in stores]
-    for r_short, r_long in zip(*m):
+    for r_short, r_long in zip(*m, strict=True):
         np.testing.assert_allclose(r_short.matrix, r_long.matrix, atol=1e-6)
 
 

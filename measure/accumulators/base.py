@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .._checks import MeasureError
+from ..errors import MeasureError
 
 __all__ = ["Accumulator"]
 
@@ -40,7 +40,8 @@ def _equal(a: Any, b: Any) -> Any:
     if b is None:
         return a
     same = (torch.equal(a, b) if isinstance(a, torch.Tensor) else
-            all(torch.equal(u, v) for u, v in zip(a, b)) and len(a) == len(b) if isinstance(a, (list, tuple))
+            len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+            if isinstance(a, (list, tuple))
             else a == b)
     if not same:
         raise MeasureError("Cannot merge accumulators whose configuration differs (shift, layer widths); "

@@ -3,7 +3,7 @@
 ``LinearCKAMatrix`` holds, in float64, the sample count, Σx, Σy, the per-layer XᵀX and YᵀY,
 the cross products XᵀY of every layer pair and the fourth-order terms Σ‖x‖², Σ‖x‖⁴,
 Σ‖x‖²x, Σ‖x‖²‖y‖², Σ‖y‖²x, Σ‖x‖²y (and their y twins) that Song et al.'s unbiased HSIC needs;
-see ``measure.functional.cka._cka_moments_update``. All of them are sums over samples, so
+see ``measure.functional.moments._cka_moments_update``. All of them are sums over samples, so
 k chunk updates, or several accumulators merged, give the full-data moments and hence
 exactly the linear CKA and debiased linear CKA of the Gram route — with memory set by the
 feature widths (p² + q² + p·q) instead of n². ``LinearCKA`` is the one-pair version.
@@ -22,14 +22,15 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ..errors import MeasureError
 from ..functional._bilinear import CANCELLATION_RTOL, UNDEFINED_RTOL
-from ..functional.cka import (
+from ..functional.moments import (
     _cka_from_hsic,
     _cka_moments_compute,
     _cka_moments_reshift,
     _cka_moments_update,
 )
+from ..validation import as_samples_matrix, check_min_samples, check_same_samples
 from .base import Accumulator
 
 __all__ = ["FEATURE_ROUTE_MAX_N", "LinearCKA", "LinearCKAMatrix", "choose_route"]
@@ -116,8 +117,8 @@ class LinearCKAMatrix(Accumulator):
             raise MeasureError(f"Layer widths changed between updates: {self.stats['sizes_x']} × "
                                f"{self.stats['sizes_y']} before, {sizes_x} × {sizes_y} now; feed the same "
                                "layers in the same order.")
-        zs = [x - c for x, c in zip(xs, self.stats["shift_x"].split(list(sizes_x)))]
-        ws = [y - d for y, d in zip(ys, self.stats["shift_y"].split(list(sizes_y)))]
+        zs = [x - c for x, c in zip(xs, self.stats["shift_x"].split(list(sizes_x)), strict=True)]
+        ws = [y - d for y, d in zip(ys, self.stats["shift_y"].split(list(sizes_y)), strict=True)]
         chunk = _cka_moments_update(zs, ws)
         old = self.stats["moments"]
         self.stats["moments"] = chunk if old is None else {k: old[k] + chunk[k] for k in old}
@@ -188,6 +189,6 @@ class LinearCKA(LinearCKAMatrix):
     def _compute(self) -> float:
         out = super()._compute()
         key = "cka_debiased" if self.debiased else "cka"
-        if key not in out:
-            raise MeasureError(f"cka_debiased needs at least 4 samples (unbiased HSIC), got {out['n_samples']}.")
+        if self.debiased:
+            check_min_samples(out["n_samples"], 4, "cka_debiased", "unbiased HSIC")
         return float(out[key][0, 0])

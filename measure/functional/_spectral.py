@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._checks import MeasureError
+from ..errors import MeasureError
 from .gram import center_gram
 
 __all__ = ["Spectral", "cross_blocks", "spectral_prepare", "warn_if_forced", "warn_if_saturated"]

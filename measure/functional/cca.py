@@ -19,8 +19,10 @@ decomposition. With m = min(rank Xc, rank Yc) correlations:
   The weights come from the *first* argument: pwcca(x, y) ≠ pwcca(y, x).
   The weights need the neurons, so PWCCA uses the features, not just the Gram.
 
-All CCA measures are invariant to any invertible linear map of either side,
-and they are pulled toward 1 whenever the two layers' ranks add up past n − 1
+CCA is invariant to any invertible linear map of either side (SVCCA only to
+orthogonal maps and isotropic scaling, which keep its principal components;
+PWCCA only to isotropic scaling of the weighting side, whose neurons it sums
+over). All of them are pulled toward 1 whenever the two layers' ranks add up past n − 1
 (their spans then share r_X + r_Y − (n − 1) dimensions whatever the data; a
 layer with as many features as samples makes every correlation 1): a warning
 says so; use SVCCA or cap the dimensions (``svcca(dims=k)``) in that regime.
@@ -36,7 +38,8 @@ from typing import Literal
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ..errors import MeasureError
+from ..validation import as_samples_matrix, check_same_samples
 from ._spectral import Spectral, cross_blocks, spectral_prepare, truncate, warn_if_forced
 from .gram import linear_gram
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import MeasureError
+from ..errors import MeasureError
 from ._bilinear import Prepared, normalized
 from .gram import center_gram, linear_gram
 
-__all__ = ["confounder_gram", "dcka"]
+__all__ = ["confounder_gram"]
 
 
 def confounder_gram(inputs: torch.Tensor) -> torch.Tensor:
@@ -64,10 +64,3 @@ def _dcka_prepare(gram: torch.Tensor, confounder: torch.Tensor, psd: bool = Fals
         residual = (eigvecs * eigvals.clamp_min(0)) @ eigvecs.T
     r = center_gram(residual).reshape(-1)
     return normalized(r, r, k_ss, "‖H R H‖² (the input explains the whole Gram)", extras)
-
-
-def dcka(x, y, confounder, psd: bool = False) -> float:
-    """Deconfounded linear CKA between x and y (n, ...) given the inputs ``confounder`` (n, ...)."""
-    from ..registry import compare
-
-    return compare(x, y, "dcka", confounder=confounder, psd=psd)

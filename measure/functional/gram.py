@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..validation import check_min_samples
+
 __all__ = [
     "PRECISIONS",
     "center_gram",
@@ -194,7 +196,8 @@ def column_means(x: torch.Tensor) -> torch.Tensor:
     Summed in float32 at least (a float16 sum of many rows overflows).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.ones(len(x), dtype=dtype, device=x.device) @ x.to(dtype) / len(x)
+    with _ieee_float32_matmul():  # the shift of the float32 scheme: the same whatever the matmul setting
+        return torch.ones(len(x), dtype=dtype, device=x.device) @ x.to(dtype) / len(x)
 
 
 def _check_precision(precision: str) -> None:
@@ -267,8 +270,7 @@ def unbiased_hsic_vectors(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     and sums over minibatches are concatenations. Needs n ≥ 4.
     """
     n = gram.shape[0]
-    if n < 4:
-        raise ValueError(f"Unbiased HSIC needs at least 4 samples, got {n}.")
+    check_min_samples(n, 4, "Unbiased HSIC")
     k_hat = gram.clone()
     k_hat.fill_diagonal_(0)
     u = k_hat.sum(dim=1)

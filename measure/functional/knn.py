@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ..errors import MeasureError
+from ..validation import as_samples_matrix, check_same_samples
 from ._bilinear import Prepared, bilinear_matrix
 from .gram import linear_gram
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import as_samples_matrix, check_same_samples
+from ..validation import as_samples_matrix, check_same_samples
 from ._spectral import Spectral, cross_blocks, spectral_prepare, warn_if_saturated
 from .gram import linear_gram
 

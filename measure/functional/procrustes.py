@@ -21,7 +21,8 @@ from typing import Literal
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ..errors import MeasureError
+from ..validation import as_samples_matrix, check_same_samples
 from ._spectral import Spectral, cross_blocks, spectral_prepare
 from .gram import linear_gram
 

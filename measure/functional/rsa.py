@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import MeasureError, as_samples_matrix, check_same_samples
+from ..errors import MeasureError
+from ..validation import as_samples_matrix, check_min_samples, check_same_samples
 from ._bilinear import Prepared, bilinear_matrix
 from .gram import squared_distances
 
@@ -98,8 +99,7 @@ def _rsa_prepare(features: torch.Tensor, rdm: str = "correlation", compare: str 
     if rdm not in RDMS:
         raise MeasureError(f"rdm must be one of {RDMS}, got {rdm!r}.")
     n = len(features)
-    if n < 3:
-        raise MeasureError(f"rsa needs at least 3 samples (2 dissimilarities), got {n}.")
+    check_min_samples(n, 3, "rsa", "2 dissimilarities")
     iu = torch.triu_indices(n, n, 1, device=features.device)
     empty = torch.zeros(iu.shape[1], dtype=torch.float64, device=features.device)
     try:

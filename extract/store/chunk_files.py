@@ -4,7 +4,7 @@
 pipeline: each chunk is handed between its event loop and worker threads and
 copied on the way (decoded into a fresh buffer, then into the result; its
 checksum appended or stripped by another copy). For the chain simtorch writes
-(``bytes`` → ``blosc`` → ``crc32c``, little-endian, see ``extract.store``;
+(``bytes`` → ``blosc`` → ``crc32c``, little-endian, see ``extract.store.format``;
 ``bytes`` → ``crc32c`` for the statistics cache, ``measure.cache``) on a local
 store, ``ChunkFiles`` does the same work, with numcodecs' Blosc configured from
 the array's own codec metadata:

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from extract.store import INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreError, ZarrStore
+from ..errors import StoreError
+from .format import INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY
+from .zarr_store import ZarrStore
 
 __all__ = [
     "ArraySummary",
@@ -158,7 +160,8 @@ def _completeness(s: StoreSummary) -> str:
 
 def _table(rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
             for r in rows]
 
 

@@ -2,14 +2,15 @@
 
 The expensive part of a measure run is one statistic per (store, layer) — for
 the Gram route K = X Xᵀ, O(n² p) — and the pairs are cheap reductions over
-those statistics. ``compute_grams`` turns every Gram the engine will need, and
-the persistent cache does not already hold, into one task
-``_gram_task(path, layer, ...)``: the task opens the store *by path or URL on
-the worker*, chooses its device there (CUDA when the worker has one), streams
-the layer with the same ``layer_gram`` the local path uses, and returns the
-float64 Gram as a NumPy array. The driver then hands the Grams to the engine
-(and writes them to the cache, so there is a single writer), and the pairs are
-reduced locally exactly as without dask, so results are identical.
+those statistics. ``compute_grams`` asks the engine's ``LayerStatistics`` which
+Grams it will need that neither memory nor the persistent cache holds, and turns
+each into one task ``_gram_task(path, layer, ...)``: the task opens the store *by
+path or URL on the worker*, chooses its device there (CUDA when the worker has
+one), streams the layer with the same ``layer_gram`` the local path uses, and
+returns the float64 Gram as a NumPy array. The driver hands the Grams back to
+``LayerStatistics.provide`` (which counts them and writes them to the cache, so
+there is a single writer), and the pairs are reduced locally exactly as without
+dask, so results are identical.
 
 Schedulers: ``scheduler="threads"`` (dask's local threaded scheduler),
 ``workers=N`` (a ``LocalCluster`` of N single-threaded worker processes
@@ -24,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from extract.parallel import dask_client
+from extract.dask_jobs import dask_client
 
-from ._checks import MeasureError
-from .engine import Engine, default_device
-from .registry import get_measure
-from .statistics import layer_gram
+from ..errors import MeasureError
+from ..registry import get_measure
+from .config import default_device
+from .core import Engine
+from .streaming import layer_gram
 
 __all__ = ["compute_grams", "dask_client"]
 
@@ -38,10 +40,10 @@ def _gram_task(path: str, layer: str, storage_options: dict[str, Any] | None, me
                device: str | None, reduction: str | None = None, precision: str = "float64") -> np.ndarray:
     """Runs on a worker: open the store by path/URL, pick the worker's device, return K = X Xᵀ (float64).
 
-    ``reduction`` is the layer's effective reduction in the driver's engine (``extract.reductions``).
+    ``reduction`` is the layer's effective reduction in the driver's engine (``extract.store.reductions``).
     """
-    from extract.reductions import reduce_store
     from extract.store import open_store
+    from extract.store.reductions import reduce_store
 
     store = open_store(path, read_only=True, storage_options=storage_options)
     if reduction is not None:
@@ -67,31 +69,23 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
                   device: str | None = None, memory_budget: int | None = None) -> int:
     """Compute, as dask tasks, every Gram of ``engine``'s stores that ``measures`` need; returns the task count.
 
-    Grams already in the engine or in its persistent cache are not recomputed.
+    Grams already in the engine or in its persistent cache are not recomputed (the cached ones are
+    loaded and kept for the run, as the task results are).
     Each store must have a ``path`` (a ``ZarrStore``) so that workers can open it.
     ``device`` is passed to the workers (None: each worker picks CUDA when it has it).
     """
     if not any(_uses_grams(engine, name, options) for name, options in measures):
         return 0
     budget = engine.memory_budget if memory_budget is None else memory_budget
-    todo: list[tuple[int, str, str]] = []
-    for s, store in enumerate(engine.stores):
-        path = getattr(store, "path", None)
-        if path is None:
+    for store in engine.stores:
+        if getattr(store, "path", None) is None:
             raise MeasureError(f"{store} has no path; dask workers can only open stores on disk or at a URL.")
-        for layer in engine.layers[s]:
-            if (s, layer) in engine._grams:
-                continue
-            if engine.cache is not None:
-                hit = engine.cache.get(store, layer, "gram", engine.gram_options)
-                if hit is not None:
-                    engine.provide_gram(s, layer, hit)
-                    continue
-            todo.append((s, layer, str(path)))
+    stats = engine.layer_statistics
+    todo = stats.missing(stats.key("gram", s, layer) for s in range(len(engine.stores)) for layer in engine.layers[s])
     if not todo:
         return 0
-    args = [(path, layer, storage_options, budget, device, engine.stores[s].info.reductions.get(layer),
-             engine.precision) for s, layer, path in todo]
+    args = [(str(engine.stores[key.store].path), key.layer, storage_options, budget, device,
+             engine.stores[key.store].info.reductions.get(key.layer), engine.precision) for key in todo]
     if client is not None:
         futures = [client.submit(_gram_task, *a, pure=False) for a in args]
         grams = client.gather(futures)
@@ -100,11 +94,6 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
 
         tasks = [dask.delayed(_gram_task, pure=False)(*a) for a in args]
         grams = dask.compute(*tasks, scheduler=scheduler or "threads")
-    for (s, layer, _), gram in zip(todo, grams):
-        engine.provide_gram(s, layer, gram)
-        engine.statistics_computed += 1
-        if engine.cache is not None:
-            engine.cache.put(engine.stores[s], layer, np.asarray(gram, dtype=np.float64), "gram",
-                             engine.gram_options)
+    for key, gram in zip(todo, grams, strict=True):
+        stats.provide(key, gram)
     return len(todo)
-

@@ -7,11 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MeasureError", "as_samples_matrix", "check_finite", "check_same_samples", "check_options"]
+from .errors import MeasureError
 
-
-class MeasureError(ValueError):
-    """Input that a measure cannot be computed on (shapes, values, options)."""
+__all__ = ["as_samples_matrix", "check_finite", "check_min_samples", "check_options", "check_same_samples"]
 
 
 def as_samples_matrix(x: Any, name: str = "x", dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -39,6 +37,19 @@ def check_same_samples(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] 
             f"{names[0]} and {names[1]} must hold the same samples in the same order; got {len(x)} and "
             f"{len(y)} samples (shapes {tuple(x.shape)} and {tuple(y.shape)})."
         )
+
+
+def check_min_samples(n: int, minimum: int, what: str, why: str = "") -> None:
+    """Raise unless there are at least ``minimum`` samples: the one place that checks sample counts.
+
+    >>> check_min_samples(3, 4, "cka_debiased", "unbiased HSIC")
+    Traceback (most recent call last):
+    ...
+    measure.errors.MeasureError: cka_debiased needs at least 4 samples (unbiased HSIC), got 3; measure more samples.
+    """
+    if n < minimum:
+        because = f" ({why})" if why else ""
+        raise MeasureError(f"{what} needs at least {minimum} samples{because}, got {n}; measure more samples.")
 
 
 def check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:

@@ -44,8 +44,8 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from extract.chunk_files import ChunkFiles
 from extract.store import ActivationStore
+from extract.store.chunk_files import ChunkFiles
 
 __all__ = ["CACHE_NAME", "StatisticsCache", "default_cache_path", "store_identity"]
 
@@ -66,7 +66,7 @@ def _checksum(value: np.ndarray) -> int:
 
 
 def _read(array) -> np.ndarray:
-    """The entry's values: its chunk files read straight into the result (``extract.chunk_files``), else zarr."""
+    """The entry's values: its chunk files read straight into the result (``extract.store.chunk_files``), else zarr."""
     files = ChunkFiles.of(array)
     if files is not None and array.dtype == np.float64:
         out = np.empty(array.shape, np.float64)

@@ -20,9 +20,10 @@ import torch
 
 from extract.store import ActivationStore
 
-from ._checks import MeasureError, check_finite
-from .accumulators.cka import LinearCKAMatrix
-from .functional.gram import column_means, cross_gram, linear_gram
+from ..accumulators.cka import LinearCKAMatrix
+from ..errors import MeasureError
+from ..functional.gram import column_means, cross_gram, linear_gram
+from ..validation import check_finite
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -307,7 +308,7 @@ def layer_moments(store_a: ActivationStore, layers_a: Sequence[str], store_b: Ac
     if not same:
         readers += [iter_row_blocks(store_b, layer, 0, n, rows, device) for layer in layers_b]
     acc = LinearCKAMatrix()
-    for blocks in zip(*readers):
+    for blocks in zip(*readers, strict=True):
         xs = [b for _, b in blocks[:len(layers_a)]]
         acc.update(xs, xs if same else [b for _, b in blocks[len(layers_a):]])
     return acc

@@ -44,7 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import LAYERS_GROUP, MASK_ARRAY, ActivationStore, StoreError, StoreInfo, copy_into
+from ..errors import ReductionError, StoreError
+from ..globs import matches
+from .base import ActivationStore, copy_into
+from .format import LAYERS_GROUP, MASK_ARRAY, StoreInfo
 
 __all__ = [
     "REDUCTION_NAMES",
@@ -52,6 +55,7 @@ __all__ = [
     "Reduction",
     "ReductionError",
     "ReducedStore",
+    "compact_tokens",
     "parse_rules",
     "reduce_store",
     "rules_key",
@@ -62,10 +66,6 @@ TOKEN_KINDS = ("mean", "first", "last")
 MAP_KINDS = ("gap", "pool")
 
 ReduceSpec = Union[None, str, Sequence[str], Mapping[str, str]]
-
-
-class ReductionError(ValueError):
-    """A reduction that is unknown or does not fit a layer."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class Reduction:
         """
         if self.kind == "flatten":
             if token_layer and mask is not None:
-                return _compact_tokens(x, _bool_mask(mask, x))
+                return compact_tokens(x, _bool_mask(mask, x))
             return x
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
         if self.kind in TOKEN_KINDS:
@@ -181,7 +181,7 @@ def _bool_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.bool)
 
 
-def _compact_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def compact_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Valid tokens moved to the front in order, padding positions zeroed (same shape)."""
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
     index = order.reshape(*order.shape, *([1] * (x.ndim - 2))).expand_as(x)
@@ -218,12 +218,6 @@ def rules_key(spec: ReduceSpec) -> str:
     return json.dumps([[p, str(r)] for p, r in parse_rules(spec)])
 
 
-def _matches(pattern: str, layer: str) -> bool:
-    from .hooks import _glob_regex
-
-    return layer == pattern or bool(_glob_regex(pattern).fullmatch(layer))
-
-
 def resolve(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]], token_layers: set[str], *,
             has_mask: bool, default_token: Reduction | None) -> dict[str, Reduction]:
     """The reduction of every layer: the first matching rule, else ``default_token`` for token layers, else flatten.
@@ -235,7 +229,7 @@ def resolve(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]], token_
     """
     chosen: dict[str, Reduction] = {}
     for pattern, reduction in rules:
-        if pattern is not None and not any(_matches(pattern, layer) for layer in shapes):
+        if pattern is not None and not any(matches(pattern, layer) for layer in shapes):
             raise ReductionError(f"Reduction rule '{pattern}={reduction}' matches no layer; layers are "
                                  f"{list(shapes)}.")
     for layer, shape in shapes.items():
@@ -245,7 +239,7 @@ def resolve(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]], token_
                 if reduction.fits_by_default(shape, token, has_mask):
                     chosen[layer] = reduction
                     break
-            elif _matches(pattern, layer):
+            elif matches(pattern, layer):
                 why = reduction.fit_error(shape, token)
                 if why:
                     raise ReductionError(f"Layer {layer!r}: {why}. Choose another reduction for it.")
@@ -339,7 +333,7 @@ class ReducedStore(ActivationStore):
         shapes = {layer: tuple(store.layer_shape(layer)) for layer in base.layers}
         rules = parse_rules(spec)
         for pattern, reduction in rules:
-            if pattern is not None and not any(_matches(pattern, layer) for layer in base.layers):
+            if pattern is not None and not any(matches(pattern, layer) for layer in base.layers):
                 raise ReductionError(f"Reduction rule '{pattern}={reduction}' matches no layer of {store}; its "
                                      f"layers are {base.layers}.")
         bare = next((r for p, r in rules if p is None), None)
@@ -347,7 +341,7 @@ class ReducedStore(ActivationStore):
         effective: dict[str, str] = {}
         for layer in base.layers:
             token = layer in self._token
-            explicit = next((r for p, r in rules if p is not None and _matches(p, layer)), None)
+            explicit = next((r for p, r in rules if p is not None and matches(p, layer)), None)
             request = explicit
             if request is None and bare is not None and bare.fits_by_default(shapes[layer], token, self._has_mask):
                 request = bare
@@ -450,7 +444,7 @@ def check_reductions(stores: Sequence[ActivationStore], layers: Sequence[Sequenc
     """
     seen: dict[str, tuple[str, str]] = {}
     mixed: list[str] = []
-    for store, names in zip(stores, layers):
+    for store, names in zip(stores, layers, strict=True):
         reductions = store.info.reductions
         for layer in names:
             r = reductions.get(layer, "flatten")

@@ -26,12 +26,15 @@ import io
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import PairResult
-from .results import _atomic_write_bytes, heatmap_png
+from .files import atomic_write_bytes
+from .heatmaps import heatmap_png
+
+if TYPE_CHECKING:
+    from ..engine.results import PairResult
 
 __all__ = ["REPORT_NAME", "diagonal_svg", "render_report", "write_report"]
 
@@ -142,22 +145,39 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
     pngs : dict of int to bytes, optional
         Already rendered heatmap PNGs by result index (rendered here otherwise).
     """
-    from extract import __version__
-
     pngs = dict(pngs or {})
     measures: dict[str, list[int]] = {}
     for i, r in enumerate(results):
         measures.setdefault(r.measure, []).append(i)
-    parts = [
+    parts = _head(title, device, len(results), len(stores), measures)
+    parts += _run_tables(results, measures, options)
+    parts += ["<h2>Stores</h2>", _stores_table(stores)]
+    for m, idx in measures.items():
+        parts += _measure_section(m, [results[i] for i in idx], [pngs.get(i) for i in idx])
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _head(title: str, device: str, n_results: int, n_stores: int, measures: Mapping[str, list[int]]) -> list[str]:
+    """The document head, the title, the run line and the navigation to each measure."""
+    from extract import __version__
+
+    return [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">simtorch {_e(__version__)} · {_e(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} · device '
-        f"{_e(device or '?')} · {len(results)} result(s) · {len(stores)} store(s)</p>",
+        f"{_e(device or '?')} · {n_results} result(s) · {n_stores} store(s)</p>",
         "<nav>" + "".join(f'<a href="#m-{_e(m)}">{_e(m)}</a>' for m in measures) + "</nav>",
-        "<h2>Run</h2><table><tr><th>measure</th><th>options</th><th>kind</th><th>symmetric</th><th>reference</th></tr>",
     ]
+
+
+def _run_tables(results: Sequence[PairResult], measures: Mapping[str, list[int]],
+                options: Mapping[str, Any] | None) -> list[str]:
+    """The "Run" section: each measure with its options and properties, then the run options."""
+    parts = ["<h2>Run</h2><table><tr><th>measure</th><th>options</th><th>kind</th><th>symmetric</th>"
+             "<th>reference</th></tr>"]
     for m, idx in measures.items():
         r = results[idx[0]]
         opts = ", ".join(f"{k}={v}" for k, v in r.options.items()) or "—"
@@ -167,36 +187,47 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
     if options:
         parts.append("<table><tr><th>option</th><th>value</th></tr>" + "".join(
             f"<tr><td>{_e(k)}</td><td><code>{_e(v)}</code></td></tr>" for k, v in options.items()) + "</table>")
-    parts += ["<h2>Stores</h2>", _stores_table(stores)]
+    return parts
 
-    for m, idx in measures.items():
-        first = results[idx[0]]
-        parts.append(f'<h2 id="m-{_e(m)}">{_e(m)}</h2>')
-        parts.append(f'<p class="muted">{_e(first.spec.kind)} in [{first.spec.value_range[0]:g}, '
-                     f"{first.spec.value_range[1]:g}]; rows are the first store's layers.</p>")
-        parts.append("<h3>Heatmaps</h3><div class=\"grid\">")
-        for i in idx:
-            r = results[i]
-            png = pngs.get(i) or heatmap_png(r)
-            parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(m)} heatmap: {_e(_pair_label(r))}">'
-                         f"<figcaption>{_e(m)}: {_e(r.store_a)} (rows) vs {_e(r.store_b)} (columns)"
-                         "</figcaption></figure>")
-        parts.append("</div>")
-        cross = [results[i] for i in idx if results[i].store_a != results[i].store_b]
-        shared = [r for r in cross if r.rows == r.cols]
-        if shared:
-            lo, hi = first.spec.value_range
-            svg = diagonal_svg(shared[0].rows, {_pair_label(r): np.diag(r.matrix) for r in shared},
-                               title=f"{m}: corresponding layers S[l, l]", ylabel=m, value_range=(lo, hi))
-            parts.append("<h3>Corresponding layers</h3>"
-                         f'<figure class="diagonal">{svg}<figcaption>{_e(m)} of layer l in one model with layer l '
-                         "in the other, for model pairs of the same architecture</figcaption></figure>")
-        if cross:
-            parts.append("<h3>Best-matching layers</h3>")
-            for r in cross:
-                parts.append(f"<p><b>{_e(_pair_label(r))}</b></p>{_best_match_table(r)}")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+
+def _measure_section(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None]) -> list[str]:
+    """One measure's section: its heatmaps, the corresponding-layer plot and the best-match tables."""
+    first = results[0]
+    parts = [f'<h2 id="m-{_e(m)}">{_e(m)}</h2>',
+             f'<p class="muted">{_e(first.spec.kind)} in [{first.spec.value_range[0]:g}, '
+             f"{first.spec.value_range[1]:g}]; rows are the first store's layers.</p>"]
+    parts += _heatmaps(m, results, pngs)
+    cross = [r for r in results if r.store_a != r.store_b]
+    shared = [r for r in cross if r.rows == r.cols]
+    if shared:
+        parts.append(_diagonal_figure(m, shared, first.spec.value_range))
+    if cross:
+        parts.append("<h3>Best-matching layers</h3>")
+        for r in cross:
+            parts.append(f"<p><b>{_e(_pair_label(r))}</b></p>{_best_match_table(r)}")
+    return parts
+
+
+def _heatmaps(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None]) -> list[str]:
+    """Every heatmap of one measure, embedded (the given PNG, or one rendered now)."""
+    parts = ["<h3>Heatmaps</h3><div class=\"grid\">"]
+    for r, png in zip(results, pngs, strict=True):
+        png = png or heatmap_png(r)
+        parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(m)} heatmap: {_e(_pair_label(r))}">'
+                     f"<figcaption>{_e(m)}: {_e(r.store_a)} (rows) vs {_e(r.store_b)} (columns)"
+                     "</figcaption></figure>")
+    parts.append("</div>")
+    return parts
+
+
+def _diagonal_figure(m: str, shared: Sequence[PairResult], value_range: tuple[float, float]) -> str:
+    """S[l, l] of model pairs of the same architecture, as an inline SVG figure."""
+    lo, hi = value_range
+    svg = diagonal_svg(shared[0].rows, {_pair_label(r): np.diag(r.matrix) for r in shared},
+                       title=f"{m}: corresponding layers S[l, l]", ylabel=m, value_range=(lo, hi))
+    return ("<h3>Corresponding layers</h3>"
+            f'<figure class="diagonal">{svg}<figcaption>{_e(m)} of layer l in one model with layer l '
+            "in the other, for model pairs of the same architecture</figcaption></figure>")
 
 
 def write_report(results: Sequence[PairResult], out: str | Path, *, stores: Mapping[str, Mapping[str, Any]],
@@ -217,5 +248,5 @@ def write_report(results: Sequence[PairResult], out: str | Path, *, stores: Mapp
                 pngs[i] = (out / png).read_bytes()
     page = render_report(results, stores=stores, device=device, options=options, pngs=pngs)
     path = out / REPORT_NAME
-    _atomic_write_bytes(path, page.encode("utf-8"))
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path

@@ -1,216 +1,26 @@
-"""Activation stores: the on-disk contract between ``extract`` and ``measure``.
+"""``ZarrStore``: a store in a Zarr v3 group on local disk or an fsspec URL, and ``open_store``.
 
-A store holds one model run over one dataset. On disk it is a plain Zarr v3
-group that ``zarr.open_group`` and ``dask.array.from_zarr`` read without
-simtorch::
-
-    model.zarr/
-      zarr.json               root attributes under the key "simtorch" (below)
-      layers/<layer name>     float32 (or float16), shape (n_samples, *per_sample_shape)
-      inputs                  the flattened inputs, shape (n_samples, n_input_features),
-                              dCKA's confounder (absent with store_inputs=False)
-      mask                    uint8 (n_samples, n_tokens), the attention mask of text inputs
-                              (only for token inputs; see extract.reductions)
-
-Every array is chunked along the sample axis only, with one chunk length per
-store, and encoded ``bytes -> blosc(lz4, clevel 5, no shuffle) -> crc32c`` so
-that a flipped bit is caught on read. On a local disk, whole chunks of that
-chain are written and read by ``extract.chunk_files`` (the same bytes as zarr's,
-without its per-chunk copies); everything else goes through zarr.
-
-Codec choice (``benchmarks/bench_extract.py --codecs-only --stores DIR``):
-every layer of the five demo stores (30.7 MB) / an untrained VGG-style CNN
-on 600 upsampled digits (45 MB) / one random-init ``WideCNN`` store of
-``bench_zoo.py`` (176 MB), float32; MB of raw data per CPU-second, numcodecs,
-no disk::
-
-    chain (each ends in crc32c)      ratio               encode               decode
-    none                             1.00 / 1.00 / 1.00  1823 / 1943 / 2749   12308 / 12179 / 12694
-    blosc-lz4 noshuffle, clevel 5    1.37 / 1.60 / 2.27  1099 / 1135 / 1504    3135 /  5147 /  7651
-    blosc-lz4 shuffle, clevel 5      1.29 / 1.61 / 2.35   996 /  868 / 1066    3069 /  3231 /  4065
-    blosc-lz4 bitshuffle, clevel 5   1.19 / 1.41 / 1.95  1512 /  851 /  941    3475 /  2679 /  2928
-    blosc-zstd shuffle, clevel 1     1.58 / 1.86 / 2.71   268 /  299 /  381     818 /   845 /  1319
-    zstd level 1                     1.67 / 1.91 / 2.72   519 /  605 /  799    1205 /  1653 /  2297
-
-blosc-lz4 without shuffle is kept: as small as byte shuffle (the zeros of ReLU
-layers, most of what these codecs find, compress as well unshuffled), 1.1-1.4x
-faster to encode and up to 1.9x faster to decode; zstd 1 would save another
-16-22 % of disk for about twice the CPU. Stores written with byte shuffle
-(simtorch 0.3.0 before this choice) read as before: zarr reads each array's codecs.
-
-The root attributes (``StoreInfo``) record the model, its weights digest, the
-layers in capture order, the storage dtype, the sample count, the dataset
-fingerprint, library versions, the number of samples known to be durable
-(``samples_done``) and the completion marker ``complete``.
-
-Storage backends only move arrays and attributes; the extraction logic lives in
-``extract.runner`` and never touches Zarr directly.
+The format it reads and writes is described in ``extract.store.format``; whole
+chunks of a local store go through ``extract.store.chunk_files``, everything
+else through zarr.
 """
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import StoreError
+from .base import ActivationStore
 from .chunk_files import ChunkFiles
+from .format import ATTRS_KEY, INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreInfo, chunk_codecs, document_digest
+from .remote import unreachable_message
 
-__all__ = [
-    "FORMAT_VERSION",
-    "ActivationStore",
-    "MemoryStore",
-    "StoreError",
-    "StoreInfo",
-    "ZarrStore",
-    "open_store",
-]
-
-FORMAT_VERSION = 1
-ATTRS_KEY = "simtorch"
-LAYERS_GROUP = "layers"
-INPUTS_ARRAY = "inputs"
-MASK_ARRAY = "mask"
-
-
-def copy_into(out: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    """``rows`` itself without ``out``; otherwise ``rows`` copied into ``out`` (``ActivationStore.read``)."""
-    if out is None:
-        return rows
-    out[...] = rows
-    return out
-
-
-class StoreError(RuntimeError):
-    """A store is missing, incomplete, corrupt, or not a simtorch store."""
-
-
-@dataclass
-class StoreInfo:
-    """The attributes every store carries (JSON-serialisable)."""
-
-    model_name: str
-    model_spec: str = ""
-    weights_digest: str = ""
-    layers: list[str] = field(default_factory=list)
-    dtype: str = "float32"
-    n_samples: int = 0
-    chunk_samples: int = 0
-    samples_done: int = 0
-    fingerprint: str = ""
-    complete: bool = False
-    inputs_stored: bool = True
-    input_shape: list[int] = field(default_factory=list)
-    chunk_digests: list[str] = field(default_factory=list)
-    reductions: dict[str, str] = field(default_factory=dict)
-    request: dict[str, Any] = field(default_factory=dict)
-    integrity: dict[str, str] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    format: int = FORMAT_VERSION
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StoreInfo:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-class ActivationStore(ABC):
-    """Where per-layer activations live: arrays of shape (n_samples, ...).
-
-    Subclasses implement storage only. ``read_only`` stores refuse every write
-    through ``_check_writable``.
-    """
-
-    def __init__(self, *, read_only: bool = False) -> None:
-        self.read_only = read_only
-
-    def _check_writable(self) -> None:
-        if self.read_only:
-            raise StoreError(f"{self} is open read-only; open it with read_only=False to write.")
-
-    # --- attributes -------------------------------------------------
-    @property
-    @abstractmethod
-    def info(self) -> StoreInfo: ...
-
-    @abstractmethod
-    def write_info(self, info: StoreInfo) -> None: ...
-
-    # --- arrays -------------------------------------------------------
-    @abstractmethod
-    def create_array(self, key: str, shape: tuple[int, ...], dtype: str, chunk_samples: int) -> None:
-        """Create (or replace) the array ``key`` ("layers/<name>" or "inputs")."""
-
-    @abstractmethod
-    def has_array(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def array_shape(self, key: str) -> tuple[int, ...]: ...
-
-    @abstractmethod
-    def array_dtype(self, key: str) -> np.dtype:
-        """The dtype ``read`` returns for ``key``."""
-
-    @abstractmethod
-    def write(self, key: str, start: int, block: np.ndarray) -> None:
-        """Write ``block`` at rows ``start:start + len(block)``."""
-
-    @abstractmethod
-    def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of array ``key`` as a NumPy array.
-
-        With ``out`` (C-contiguous, shape ``(stop - start, *row_shape)``, the array's dtype) the rows are
-        decoded into it and ``out`` is returned: no second copy of a large read is allocated.
-        """
-
-    # --- conveniences shared by every backend -------------------------
-    @property
-    def name(self) -> str:
-        return self.info.model_name
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.info.layers)
-
-    @property
-    def n_samples(self) -> int:
-        return self.info.n_samples
-
-    def array_key(self, layer: str | None) -> str:
-        """The array that holds ``layer`` (``None``: the stored inputs), refusing one the store lacks."""
-        if layer is None:
-            if not self.has_array(INPUTS_ARRAY):
-                raise StoreError(
-                    f"{self} holds no inputs, which dCKA needs as its confounder; "
-                    "re-extract without --no-inputs, or pass confounder= explicitly."
-                )
-            return INPUTS_ARRAY
-        if layer not in self.info.layers:
-            raise StoreError(f"{self} has no layer {layer!r}; its layers are {self.info.layers}.")
-        return f"{LAYERS_GROUP}/{layer}"
-
-    def layer_shape(self, layer: str) -> tuple[int, ...]:
-        """Per-sample shape of ``layer`` (without the sample axis)."""
-        return self.array_shape(self.array_key(layer))[1:]
-
-    def read_layer(self, layer: str, start: int = 0, stop: int | None = None,
-                   out: np.ndarray | None = None) -> np.ndarray:
-        return self.read(self.array_key(layer), start, stop, out)
-
-    def read_inputs(self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        return self.read(self.array_key(None), start, stop, out)
-
-    def require_complete(self) -> None:
-        """Raise unless the store carries its completion marker."""
-        info = self.info
-        if not info.complete:
-            raise StoreError(
-                f"{self} is incomplete ({info.samples_done} of {info.n_samples} samples written); "
-                "rerun the same `pipeline.py extract` command to finish it."
-            )
+__all__ = ["ZarrStore", "open_store"]
 
 
 class ZarrStore(ActivationStore):
@@ -303,7 +113,7 @@ class ZarrStore(ActivationStore):
                 document.setdefault("attributes", {})[ATTRS_KEY] = asdict(info)
             else:
                 document = self._read_document(name)
-            digests[name] = _document_digest(document)
+            digests[name] = document_digest(document)
         return digests
 
     def _verify_integrity(self) -> None:
@@ -320,7 +130,7 @@ class ZarrStore(ActivationStore):
         names = self._metadata_documents(info)
         bad = sorted(n for n in set(names) | set(info.integrity)
                      if n not in info.integrity or n not in names
-                     or _document_digest(self._read_document(n)) != info.integrity[n])
+                     or document_digest(self._read_document(n)) != info.integrity[n])
         if bad:
             raise StoreError(
                 f"{self}: metadata {', '.join(bad)} does not match the digest recorded when the store was "
@@ -359,8 +169,6 @@ class ZarrStore(ActivationStore):
         self._chunks_checked.add(key)
 
     def create_array(self, key: str, shape: tuple[int, ...], dtype: str, chunk_samples: int) -> None:
-        from zarr.codecs import BloscCodec, Crc32cCodec
-
         self._check_writable()
         self.__dict__.get("_writable", {}).pop(key, None)
         self.__dict__.get("_files", {}).pop(key, None)
@@ -369,7 +177,7 @@ class ZarrStore(ActivationStore):
             shape=shape,
             chunks=(max(1, chunk_samples), *shape[1:]),
             dtype=dtype,
-            compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec()],
+            compressors=chunk_codecs(),
             fill_value=0,
             overwrite=True,
             config={"write_empty_chunks": True},  # every chunk is a file, so a deleted one is detectable
@@ -404,13 +212,13 @@ class ZarrStore(ActivationStore):
         array = arrays[key]
         chunk_files = self._chunk_files(key, array)
         whole = chunk_files.whole_chunks(start, len(block)) if chunk_files is not None else 0
-        if whole:  # whole chunks of a local store: encoded and written directly (extract.chunk_files)
+        if whole:  # whole chunks of a local store: encoded and written directly (extract.store.chunk_files)
             chunk_files.write(start, block[:whole])
         if whole < len(block):
             array[start + whole : start + len(block)] = block[whole:]
 
     def _chunk_files(self, key: str, array) -> ChunkFiles | None:
-        """Direct access to the chunk files of ``key`` (``extract.chunk_files``), or None: through zarr."""
+        """Direct access to the chunk files of ``key`` (``extract.store.chunk_files``), or None: through zarr."""
         found = self.__dict__.setdefault("_files", {})
         if key not in found:
             found[key] = ChunkFiles.of(array)
@@ -462,64 +270,9 @@ class ZarrStore(ActivationStore):
 
 def _raise_if_unreachable(what: str, exc: BaseException) -> None:
     """Raise a StoreError that says so when ``exc`` is a lost connection to remote storage (not corruption)."""
-    from .remote import unreachable_message
-
     message = unreachable_message(what, exc)
     if message is not None:
         raise StoreError(message) from exc
-
-
-class MemoryStore(ActivationStore):
-    """A store in memory: what the in-memory API (``CKA.compute``) fills from live hooks."""
-
-    def __init__(self, info: StoreInfo | None = None) -> None:
-        super().__init__(read_only=False)
-        self._info = info if info is not None else StoreInfo(model_name="memory")
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def __repr__(self) -> str:
-        return f"in-memory store {self._info.model_name!r}"
-
-    @property
-    def info(self) -> StoreInfo:
-        return self._info
-
-    def write_info(self, info: StoreInfo) -> None:
-        self._check_writable()
-        self._info = info
-
-    def create_array(self, key: str, shape: tuple[int, ...], dtype: str, chunk_samples: int) -> None:
-        self._check_writable()
-        self._arrays[key] = np.zeros(shape, dtype=dtype)
-
-    def has_array(self, key: str) -> bool:
-        return key in self._arrays
-
-    def array_shape(self, key: str) -> tuple[int, ...]:
-        return self._arrays[key].shape
-
-    def array_dtype(self, key: str) -> np.dtype:
-        return self._arrays[key].dtype
-
-    def write(self, key: str, start: int, block: np.ndarray) -> None:
-        self._check_writable()
-        self._arrays[key][start : start + len(block)] = block
-
-    def read(self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        return copy_into(out, self._arrays[key][start:stop])
-
-
-def _document_digest(document: Any) -> str:
-    """SHA-256 of a parsed zarr.json in canonical form, leaving out the digests themselves."""
-    import copy
-    import hashlib
-    import json
-
-    document = copy.deepcopy(document)
-    attrs = document.get("attributes", {}).get(ATTRS_KEY) if isinstance(document, dict) else None
-    if isinstance(attrs, dict):
-        attrs.pop("integrity", None)
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def open_store(store_like: ActivationStore | str | os.PathLike[str], **kwargs: Any) -> ActivationStore:

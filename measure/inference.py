@@ -39,19 +39,25 @@ import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ._checks import MeasureError, as_samples_matrix, check_finite, check_same_samples
+from .errors import MeasureError
 from .functional.dcka import confounder_gram
-from .registry import MeasureSpec, get_measure, statistic_of
+from .measures.base import statistic_of
+from .registry import get_measure
+from .validation import as_samples_matrix, check_finite, check_same_samples
+
+if TYPE_CHECKING:
+    from .measures.base import Measure
 
 __all__ = [
     "BootstrapResult",
     "PermutationResult",
     "add_statistics",
+    "check_supported",
     "bootstrap",
     "bootstrap_statistics",
     "pair_statistics",
@@ -120,7 +126,8 @@ def _check_count(value: Any, what: str) -> int:
     return int(value)
 
 
-def _check_supported(spec: MeasureSpec) -> None:
+def check_supported(spec: type[Measure]) -> None:
+    """Refuse a measure whose statistic cannot be permuted or resampled (per-batch Grams)."""
     if spec.statistic == "gram_blocks":
         raise MeasureError(
             f"{spec.name} works on per-batch Grams, which cannot be permuted or resampled across batches; "
@@ -135,24 +142,24 @@ def _take(statistic: torch.Tensor, index: torch.Tensor, kind: str) -> torch.Tens
     return statistic[index]
 
 
-def _accepts_sample_ids(spec: MeasureSpec) -> bool:
+def _accepts_sample_ids(spec: type[Measure]) -> bool:
     try:
         return "sample_ids" in inspect.signature(spec.prepare).parameters
     except (TypeError, ValueError):
         return False
 
 
-def _prepare_all(spec: MeasureSpec, options: dict[str, Any], statistics: Sequence[Any],
+def _prepare_all(spec: type[Measure], options: dict[str, Any], statistics: Sequence[Any],
                  confounder: torch.Tensor | None, sample_ids: torch.Tensor | None = None) -> list[Any]:
     extra = {"sample_ids": sample_ids} if sample_ids is not None and _accepts_sample_ids(spec) else {}
     return [spec.prepare(s, confounder=confounder, **options, **extra) for s in statistics]
 
 
-def _matrix(spec: MeasureSpec, rows: Sequence[Any], cols: Sequence[Any]) -> torch.Tensor:
+def _matrix(spec: type[Measure], rows: Sequence[Any], cols: Sequence[Any]) -> torch.Tensor:
     return spec.pair_matrix(rows, cols).to(torch.float64)
 
 
-def _signed(spec: MeasureSpec, matrix: torch.Tensor) -> torch.Tensor:
+def _signed(spec: type[Measure], matrix: torch.Tensor) -> torch.Tensor:
     """Larger is more extreme: the similarity, or the negated distance."""
     return -matrix if spec.kind == "distance" else matrix
 
@@ -169,7 +176,7 @@ def _n_samples(statistics: Sequence[Any]) -> int:
 
 # --------------------------------------------------------------------------- on statistics
 def permutation_test_statistics(
-    spec: MeasureSpec | str,
+    spec: type[Measure] | str,
     options: dict[str, Any],
     statistics_a: Sequence[Any],
     statistics_b: Sequence[Any],
@@ -184,7 +191,7 @@ def permutation_test_statistics(
 
     Parameters
     ----------
-    spec : MeasureSpec or str
+    spec : Measure or str
     options : dict
         Resolved measure options.
     statistics_a, statistics_b : list of Tensor
@@ -197,7 +204,7 @@ def permutation_test_statistics(
         The already prepared observed objects (saves one ``prepare`` per layer).
     """
     spec = get_measure(spec) if isinstance(spec, str) else spec
-    _check_supported(spec)
+    check_supported(spec)
     n_permutations = _check_count(n_permutations, "n_permutations")
     generator = _generator(seed)
     n = _n_samples(statistics_a)
@@ -239,7 +246,7 @@ def permutation_test_statistics(
 
 
 def bootstrap_statistics(
-    spec: MeasureSpec | str,
+    spec: type[Measure] | str,
     options: dict[str, Any],
     statistics_a: Sequence[Any],
     statistics_b: Sequence[Any],
@@ -256,7 +263,7 @@ def bootstrap_statistics(
     ``observed`` the full-data matrix when already known.
     """
     spec = get_measure(spec) if isinstance(spec, str) else spec
-    _check_supported(spec)
+    check_supported(spec)
     n_resamples = _check_count(n_resamples, "n_resamples")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise MeasureError(f"level must be a coverage in (0, 1), for example 0.95; got {level!r}.")
@@ -302,7 +309,7 @@ def _layers(x: Any, name: str) -> list[torch.Tensor]:
 
 def _in_memory(xs: Any, ys: Any, name: str, confounder: Any, options: dict[str, Any]):
     spec = get_measure(name)
-    _check_supported(spec)
+    check_supported(spec)
     opts = spec.resolve_options(options)
     a, b = _layers(xs, "xs"), _layers(ys, "ys")
     check_same_samples(a[0], b[0], ("xs", "ys"))
@@ -373,11 +380,11 @@ def pair_statistics(engine: Any, name: str, options: dict[str, Any], i: int, j: 
     ``ci_high`` — and scalars describing how they were computed.
     """
     spec = get_measure(name)
-    _check_supported(spec)
+    check_supported(spec)
     options = spec.resolve_options(options)
     confounder = engine.confounder() if spec.needs_confounder else None
-    stats_a = [engine._statistic(spec, i, layer, options) for layer in engine.layers[i]]
-    stats_b = stats_a if j == i else [engine._statistic(spec, j, layer, options) for layer in engine.layers[j]]
+    stats_a = [engine.statistic(spec, i, layer, options) for layer in engine.layers[i]]
+    stats_b = stats_a if j == i else [engine.statistic(spec, j, layer, options) for layer in engine.layers[j]]
     out: dict[str, Any] = {"seed": int(seed)}
     if n_permutations:
         test = permutation_test_statistics(spec, options, stats_a, stats_b, confounder=confounder,
@@ -393,7 +400,7 @@ def pair_statistics(engine: Any, name: str, options: dict[str, Any], i: int, j: 
 
 def add_statistics(engine: Any, results: Sequence[Any], *, n_permutations: int = 0, n_resamples: int = 0,
                    level: float = 0.95, seed: int = 0) -> None:
-    """Fill ``result.statistics`` of each engine ``PairResult`` with p-values and/or bootstrap bounds.
+    """Fill ``result.inference`` of each engine ``PairResult`` with p-values and/or bootstrap bounds.
 
     Every result uses the same ``seed``, so the permutations (resamples) are the same for every pair and
     measure of one run.
@@ -402,7 +409,7 @@ def add_statistics(engine: Any, results: Sequence[Any], *, n_permutations: int =
         return
     index = {store.name: s for s, store in enumerate(engine.stores)}
     for result in results:
-        result.statistics = pair_statistics(
+        result.inference = pair_statistics(
             engine, result.measure, result.options, index[result.store_a], index[result.store_b],
             n_permutations=n_permutations, n_resamples=n_resamples, level=level, seed=seed,
         )

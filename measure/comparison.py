@@ -1,0 +1,114 @@
+"""Similarity of two in-memory representations: ``compare(x, y, name)`` and one function per CKA measure.
+
+``compare`` runs a measure's two steps (``prepare`` each layer, then ``pair_matrix``) on arrays,
+with the same input checks and undefined-value policy as the store engine. ``cka``,
+``cka_debiased``, ``cka_rbf``, ``cka_minibatch`` and ``dcka`` are ``compare`` under a fixed name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from .accumulators.cka import LinearCKAMatrix, choose_route
+from .errors import MeasureError
+from .functional.dcka import confounder_gram
+from .measures.base import Measure, statistic_of
+from .registry import get_measure
+from .undefined import API_ADVICE, undefined_value
+from .validation import as_samples_matrix, check_finite, check_min_samples, check_same_samples
+
+__all__ = ["cka", "cka_debiased", "cka_minibatch", "cka_rbf", "compare", "dcka"]
+
+
+def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
+            undefined: Literal["raise", "nan"] = "raise", **options: Any) -> float:
+    """Similarity of two representations of the same samples under measure ``name``.
+
+    Parameters
+    ----------
+    x, y : Tensor or ndarray of shape (n_samples, ...)
+        Flattened per sample; rows must correspond.
+    name : str, default="cka"
+        A key of ``MEASURES``.
+    confounder : Tensor or ndarray of shape (n_samples, ...), optional
+        The inputs, for measures that need them (``dcka``).
+    undefined : {"raise", "nan"}, default="raise"
+        What to do where the value is mathematically undefined (a constant
+        layer, a negative unbiased self-HSIC): raise ``MeasureError``, or
+        return NaN with a warning.
+    **options
+        Measure options (see ``MEASURES[name].options``).
+
+    Returns
+    -------
+    float
+    """
+    spec = get_measure(name)
+    opts = spec.resolve_options(options)
+    xm, ym = as_samples_matrix(x, "x"), as_samples_matrix(y, "y")
+    check_same_samples(xm, ym)
+    check_finite(xm, "x")
+    check_finite(ym, "y")
+    k0 = None
+    if spec.needs_confounder:
+        if confounder is None:
+            raise MeasureError(f"Measure {name!r} needs the inputs: pass confounder= (shape (n_samples, ...)).")
+        z = as_samples_matrix(confounder, "confounder")
+        check_same_samples(xm, z, ("x", "confounder"))
+        check_finite(z, "confounder")
+        k0 = confounder_gram(z)
+    if spec.feature_route and choose_route(opts["route"], len(xm), [xm.shape[1]], [ym.shape[1]]) == "features":
+        return _compare_features(spec, xm, ym, undefined)
+    px = spec.prepare(statistic_of(spec, xm, opts), confounder=k0, **opts)
+    py = spec.prepare(statistic_of(spec, ym, opts), confounder=k0, **opts)
+    for label, p in (("x", px), ("y", py)):
+        if not getattr(p, "defined", True):
+            undefined_value(name, label, p.reason, undefined, advice=API_ADVICE)
+    return float(spec.pair_matrix([px], [py])[0, 0])
+
+
+def _compare_features(spec: type[Measure], x: torch.Tensor, y: torch.Tensor, undefined: str) -> float:
+    """``compare`` on the feature route: one ``LinearCKAMatrix`` update over all samples."""
+    if spec.feature_route == "cka_debiased":
+        check_min_samples(len(x), 4, spec.name, "unbiased HSIC")
+    acc = LinearCKAMatrix()
+    acc.update([x], [y])
+    out = acc.compute()
+    bad_x, bad_y = out[f"{spec.feature_route}_undefined"]
+    if bad_x or bad_y:
+        undefined_value(spec.name, "x" if bad_x else "y", "its self-HSIC is zero or negative (a constant layer?)",
+                        undefined, advice=API_ADVICE, stacklevel=3)
+    return float(out[spec.feature_route][0, 0])
+
+
+def cka(x, y) -> float:
+    """Linear CKA (biased HSIC) between x (n, ...) and y (n, ...), exact over all samples.
+
+    >>> import torch; g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    >>> round(cka(x, 3 * x @ torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]), 12)
+    1.0
+    """
+    return compare(x, y, "cka")
+
+
+def cka_debiased(x, y) -> float:
+    """Linear CKA with Song et al.'s unbiased HSIC; ≈ 0 for independent data. Needs n ≥ 4."""
+    return compare(x, y, "cka_debiased")
+
+
+def cka_rbf(x, y, threshold: float = 0.4) -> float:
+    """RBF-kernel CKA, σ² = threshold² · median squared distance (Kornblith et al. 2019)."""
+    return compare(x, y, "cka_rbf", threshold=threshold)
+
+
+def cka_minibatch(x, y, batch_size: int) -> float:
+    """Nguyen et al.'s minibatch CKA over consecutive batches of ``batch_size`` samples."""
+    return compare(x, y, "cka_minibatch", batch_size=batch_size)
+
+
+def dcka(x, y, confounder, psd: bool = False) -> float:
+    """Deconfounded linear CKA between x and y (n, ...) given the inputs ``confounder`` (n, ...)."""
+    return compare(x, y, "dcka", confounder=confounder, psd=psd)

@@ -1,0 +1,274 @@
+"""The measure engine: labelled layer × layer matrices for pairs of stores.
+
+For each store and layer the engine obtains the statistic a measure needs
+(usually the n × n Gram) once, through ``LayerStatistics`` (memory, then the
+persistent cache, then the store), turns it into the measure's per-layer object
+once, and reuses it for every pair and every measure that needs it. A pair's
+matrix is then one cheap reduction (for kernel measures, one matrix product)
+copied to the host once. Stores are read-only and streamed chunk by chunk
+(``measure.engine.streaming``); the engine never imports hooks, and the in-memory
+API feeds it ``MemoryStore``s.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.globs import matches
+from extract.store import ActivationStore, StoreError
+from extract.store.reductions import check_reductions, reduce_store
+
+from ..accumulators.cka import choose_route
+from ..errors import MeasureError
+from ..functional._bilinear import PreparedLayers, SharedProducts
+from ..functional.gram import PRECISIONS
+from ..registry import get_measure
+from ..undefined import undefined_value
+from ..validation import check_min_samples
+from .config import EngineConfig, default_device
+from .layer_statistics import LayerStatistics
+from .results import PairResult
+from .streaming import layer_widths
+
+__all__ = ["Engine", "EngineConfig", "PairResult", "check_comparable", "default_device", "select_layers"]
+
+
+def check_comparable(a: ActivationStore, b: ActivationStore) -> None:
+    """Raise unless both stores are complete and hold the same samples in the same order."""
+    for store in (a, b):
+        store.require_complete()
+    ia, ib = a.info, b.info
+    if ia.n_samples != ib.n_samples or ia.fingerprint != ib.fingerprint:
+        raise StoreError(
+            f"{a} and {b} were not extracted from the same data ({ia.n_samples} vs {ib.n_samples} samples, "
+            f"fingerprints {ia.fingerprint[:23]}… vs {ib.fingerprint[:23]}…); similarity needs the same "
+            "inputs in the same order. Re-extract both with the same --data."
+        )
+
+
+def select_layers(store: ActivationStore, patterns: Sequence[str] | None) -> list[str]:
+    """Layers of ``store`` matching any of ``patterns`` (names or globs), in capture order."""
+    layers = store.layers
+    if not patterns:
+        return layers
+    chosen = [layer for layer in layers if any(matches(p, layer) for p in patterns)]
+    if not chosen:
+        raise MeasureError(f"--layers {list(patterns)} match no layer of {store}; its layers are {layers}.")
+    return chosen
+
+
+class Engine:
+    """Obtains per-layer statistics of a set of stores once, then pairs them under each measure.
+
+    Parameters
+    ----------
+    stores : list of ActivationStore
+        Complete stores of the same data.
+    config : EngineConfig, optional
+        The options (device, layers, memory budget, undefined-value policy, progress callback,
+        statistics cache, reductions, precision).
+    **options
+        The same options as keywords (``Engine(stores, device="cpu", undefined="nan")``),
+        instead of ``config``.
+
+    Attributes
+    ----------
+    stores : list of ActivationStore
+        The stores, with the measurement-time reductions applied.
+    layers : list of list of str
+        The selected layers of each store.
+    layer_statistics : LayerStatistics
+        Where every statistic comes from (memory, the cache, or the store).
+    statistics_computed : int
+        Statistics computed so far (not loaded from the cache).
+    """
+
+    def __init__(self, stores: Sequence[ActivationStore], *, config: EngineConfig | None = None,
+                 **options: Any) -> None:
+        config = EngineConfig.of(config, options)
+        if config.precision not in PRECISIONS:
+            raise MeasureError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}.")
+        if not stores:
+            raise MeasureError("No stores to measure; pass at least one store.")
+        self.config = config
+        self.stores = [reduce_store(s, config.reduce) for s in stores]
+        for other in self.stores[1:]:
+            check_comparable(self.stores[0], other)
+        self.stores[0].require_complete()
+        self.device = default_device(config.device)
+        self.layers = [select_layers(s, config.layers) for s in self.stores]
+        self.mixed_reductions = check_reductions(self.stores, self.layers, allow_mixed=config.mixed_reductions)
+        for message in self.mixed_reductions:
+            warnings.warn(message + " (compared anyway: --mixed-reductions).", stacklevel=2)
+        self._progress = config.progress or (lambda message: None)
+        self.layer_statistics = LayerStatistics(self.stores, self.layers, device=self.device,
+                                                memory_budget=config.memory_budget, precision=config.precision,
+                                                cache=config.cache, progress=self._progress)
+
+    precision = property(lambda self: self.config.precision, doc="How Gram products are formed.")
+    memory_budget = property(lambda self: self.config.memory_budget, doc="Bytes of features held at once.")
+    undefined = property(lambda self: self.config.undefined, doc='"raise" or "nan" for undefined values.')
+    cache = property(lambda self: self.config.cache, doc="The persistent StatisticsCache, or None.")
+
+    @property
+    def statistics_computed(self) -> int:
+        """Per-layer statistics computed so far (for tests and reports); loaded ones are not counted."""
+        return self.layer_statistics.computed
+
+    # ------------------------------------------------------------------ statistics
+    def gram(self, s: int, layer: str) -> torch.Tensor:
+        """The Gram K = X Xᵀ of ``layer`` of store ``s``."""
+        return self.layer_statistics.get(self.layer_statistics.key("gram", s, layer))
+
+    def _gram_keys(self, stores: Iterable[int]) -> list[Any]:
+        return [self.layer_statistics.key("gram", s, layer) for s in stores for layer in self.layers[s]]
+
+    def statistic(self, spec: Any, s: int, layer: str, options: dict[str, Any]) -> Any:
+        """The per-layer statistic ``spec`` needs (Gram, per-batch Grams or features) of ``layer`` of store ``s``."""
+        stats = self.layer_statistics
+        if spec.statistic == "gram_blocks":
+            return stats.get(stats.key("gram_blocks", s, layer, batch_size=options["batch_size"]))
+        return stats.get(stats.key(spec.statistic, s, layer))
+
+    def confounder(self) -> torch.Tensor:
+        """dCKA's confounder: the Gram of the inputs of the first store that holds them."""
+        holder = next((s for s, store in enumerate(self.stores) if store.info.inputs_stored), None)
+        if holder is None:
+            raise MeasureError(
+                "dcka needs the inputs as its confounder, but none of the stores holds them; "
+                "re-extract one store without --no-inputs."
+            )
+        return self.layer_statistics.get(self.layer_statistics.key("confounder", holder))
+
+    def check_precision(self, spec: Any) -> None:
+        """Refuse a measure that needs float64 Grams when Grams are formed in float32."""
+        if self.precision != "float64" and spec.statistic != "features" and not spec.float32_grams:
+            raise MeasureError(
+                f"{spec.name} needs float64 Gram products: it uses the Gram's small eigenvalues, which "
+                f"precision={self.precision!r} does not resolve. Measure it with --precision float64."
+            )
+
+    # ------------------------------------------------------------------ prepared layers
+    def prepared(self, spec: Any, options: dict[str, Any], s: int,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Any]:
+        """The measure's per-layer objects for every selected layer of store ``s`` (``out``: see PreparedLayers)."""
+        if spec.statistic == "gram_blocks":
+            b = options["batch_size"]
+            n = self.stores[s].n_samples
+            if not (isinstance(b, int) and 4 <= b <= n):
+                raise MeasureError(f"batch_size must be an integer between 4 and {n}, got {b!r}.")
+        confounder = self.confounder() if spec.needs_confounder else None
+        items = []
+        for layer in self.layers[s]:
+            p = spec.prepare(self.statistic(spec, s, layer, options), confounder=confounder, **options)
+            if not getattr(p, "defined", True):
+                self._undefined(spec, s, layer, p.reason, stacklevel=2)
+            items.append(p)
+        return PreparedLayers(items, out=out)  # stacked once: each pair is then a matrix product, no copies
+
+    def prepare_together(self, spec: Any, options: dict[str, Any],
+                         stores: Sequence[int], release: bool = False) -> dict[int, list[Any]]:
+        """``prepared`` of each store, stacked into one ``SharedProducts`` multiplied once when the
+        measure is bilinear (``Prepared`` items): every pair of these stores is then a slice of it.
+
+        ``release``: forget each store's cached Grams once it is prepared (``LayerStatistics.release``),
+        so the Grams of a zoo are not all held at once (warm zoo of 9: peak RSS 997 → 694 MiB).
+        """
+        out: dict[int, list[Any]] = {}
+        group: SharedProducts | None = None
+        total = sum(len(self.layers[s]) for s in stores)
+        for s in stores:
+            if spec.statistic == "gram":  # this store's Grams (the cached ones are loaded now, together)
+                self.layer_statistics.prefetch(self._gram_keys([s]))
+            layers = self.prepared(spec, options, s, out=group.block(len(self.layers[s])) if group else None)
+            if release:
+                self.layer_statistics.release("gram", s)
+            if group is None and len(stores) > 1 and layers.stacked:
+                group = SharedProducts(total, layers)  # the first store, restacked into the group's rows
+                layers = PreparedLayers(list(layers), out=group.block(len(layers)))
+            if group is not None:
+                group.add(layers)
+            out[s] = layers
+        if group is not None:
+            group.compute()
+        return out
+
+    def _undefined(self, spec: Any, s: int, layer: str, reason: str, stacklevel: int) -> None:
+        """The engine's undefined-value policy for ``layer`` of store ``s`` (``measure.undefined``)."""
+        undefined_value(spec.name, f"layer {layer!r} of {self.stores[s]}", reason, self.undefined,
+                        stacklevel=stacklevel + 1)
+
+    # ------------------------------------------------------------------ feature route
+    def route(self, spec: Any, options: dict[str, Any], i: int, j: int) -> str:
+        """"gram" or "features" for ``spec`` on stores (i, j): the ``route`` option, "auto" by ``choose_route``."""
+        if not spec.feature_route:
+            return "gram"
+        widths = [layer_widths(self.stores[s], self.layers[s]) for s in (i, j)]
+        return choose_route(options.get("route", "auto"), self.stores[i].n_samples, *widths)
+
+    def _feature_matrix(self, spec: Any, i: int, j: int) -> np.ndarray:
+        """The L_i × L_j matrix of a feature-route measure; the moments of (i, j) are streamed once per run."""
+        if spec.feature_route == "cka_debiased":
+            check_min_samples(self.stores[i].n_samples, 4, spec.name, "unbiased HSIC")
+        out = self.layer_statistics.get(self.layer_statistics.key("moments", (i, j)))
+        bad_rows, bad_cols = out[f"{spec.feature_route}_undefined"]
+        for s, bad in ((i, bad_rows), (j, bad_cols)):
+            for k in bad:
+                self._undefined(spec, s, self.layers[s][k],
+                                "its self-HSIC is zero (a constant layer) or negative", stacklevel=4)
+        return out[spec.feature_route].detach().to("cpu", torch.float64).numpy()
+
+    # ------------------------------------------------------------------ pairs
+    def run(self, measures: Iterable[tuple[str, dict[str, Any]]],
+            pairs: Sequence[tuple[int, int]], release: bool = True) -> list[PairResult]:
+        """Every measure on every pair (i, j) of store indices.
+
+        ``release``: after the last measure that uses Grams, forget the ones the persistent cache
+        holds (``LayerStatistics.release``); pass False when a later ``run`` of this engine needs them again.
+        """
+        results = []
+        measures = [(get_measure(name), given) for name, given in measures]
+        for spec, _ in measures:
+            self.check_precision(spec)
+        last_gram = max((k for k, (spec, _) in enumerate(measures) if spec.statistic == "gram"), default=-1)
+        for index, (spec, given) in enumerate(measures):
+            options = spec.resolve_options(given)
+            kernel_stores = list(dict.fromkeys(s for i, j in pairs if self.route(spec, options, i, j) == "gram"
+                                               for s in (i, j)))
+            if spec.statistic == "gram":  # every missing Gram, computed in the order used (read ahead); the
+                # cached ones are loaded store by store as they are prepared, and after the last measure
+                # that needs them released again, so a zoo's Grams are never all held at once
+                self.layer_statistics.prefetch(self._gram_keys(kernel_stores), load=False)
+            prepared = self.prepare_together(spec, options, kernel_stores, release=release and index == last_gram)
+            results += [self._pair(spec, options, prepared, i, j) for i, j in pairs]
+            del prepared
+        return results
+
+    def _pair(self, spec: Any, options: dict[str, Any], prepared: dict[int, list[Any]], i: int, j: int) -> PairResult:
+        """The result of ``spec`` on stores (i, j), from their prepared layers or the feature route."""
+        if self.route(spec, options, i, j) == "features":
+            matrix, extras = self._feature_matrix(spec, i, j), {"route": "features"}
+        else:
+            matrix = spec.pair_matrix(prepared[i], prepared[j]).detach().to("cpu", torch.float64).numpy()
+            extras = _extras(prepared[i], prepared[j], self.layers[i], self.layers[j])
+        result = PairResult(
+            measure=spec.name, options=options, store_a=self.stores[i].name, store_b=self.stores[j].name,
+            rows=list(self.layers[i]), cols=list(self.layers[j]), matrix=matrix, spec=spec, extras=extras,
+        )
+        self._progress(f"{spec.name} {self.stores[i].name} × {self.stores[j].name}")
+        return result
+
+
+def _extras(rows: list[Any], cols: list[Any], row_names: list[str], col_names: list[str]) -> dict[str, Any]:
+    """Per-layer by-products (e.g. dCKA's variance explained by the input) keyed by side and layer."""
+    out: dict[str, Any] = {}
+    for side, items, names in (("rows", rows, row_names), ("cols", cols, col_names)):
+        per_layer = {name: dict(p.extras) for name, p in zip(names, items, strict=True) if getattr(p, "extras", None)}
+        if per_layer:
+            out[side] = per_layer
+    return out
