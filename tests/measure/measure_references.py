@@ -83,7 +83,7 @@ def ref_cka_minibatch(x, y, batch_size):
     return kl / np.sqrt(kk * ll)
 
 
-def _unit_gram(a: np.ndarray) -> np.ndarray:
+def unit_gram(a: np.ndarray) -> np.ndarray:
     """Gram of the column-centred, unit-Frobenius matrix."""
     ac = _center(a)
     ac = ac / np.linalg.norm(ac)
@@ -92,11 +92,11 @@ def _unit_gram(a: np.ndarray) -> np.ndarray:
 
 def ref_dcka(x, y, z, psd=False):
     """Cui et al. 2022: regress vec(K) on [1, vec(K₀)] by least squares, linear CKA of the residuals."""
-    k0 = _unit_gram(z)
+    k0 = unit_gram(z)
     design = np.stack([np.ones(k0.size), k0.ravel()], axis=1)
     residuals = []
     for a in (x, y):
-        k = _unit_gram(a)
+        k = unit_gram(a)
         coef, *_ = np.linalg.lstsq(design, k.ravel(), rcond=None)
         r = (k.ravel() - design @ coef).reshape(k.shape)
         if psd:

@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from _stores import write_store
 from torch import nn
 
 import pipeline
 from extract import extract
-from extract.store import INPUTS_ARRAY, LAYERS_GROUP, StoreInfo, ZarrStore
+from extract.store import ZarrStore
 from measure import compare
 
 N = 36
@@ -126,19 +127,8 @@ def test_measure_cli_parser_standalone_and_registered():
 # ----------------------------------------------------------------------------- bad input
 
 
-def _write(path, name, layers, *, inputs=None, fingerprint="sha256:x", complete=True):
-    store = ZarrStore(path, read_only=False, create=True)
-    n = len(next(iter(layers.values())))
-    for layer, array in layers.items():
-        store.create_array(f"{LAYERS_GROUP}/{layer}", array.shape, str(array.dtype), 8)
-        store.write(f"{LAYERS_GROUP}/{layer}", 0, array)
-    if inputs is not None:
-        store.create_array(INPUTS_ARRAY, inputs.shape, str(inputs.dtype), 8)
-        store.write(INPUTS_ARRAY, 0, inputs)
-    store.write_info(StoreInfo(model_name=name, layers=list(layers), n_samples=n, chunk_samples=8,
-                               samples_done=n if complete else 8, fingerprint=fingerprint, complete=complete,
-                               inputs_stored=inputs is not None))
-    return path
+def _write(path, name, layers, *, fingerprint="sha256:x", complete=True):
+    return write_store(path, name, layers, chunk=8, fingerprint=fingerprint, complete=complete).path
 
 
 def _layers(n=30, seed=0):

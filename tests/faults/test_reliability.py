@@ -23,7 +23,7 @@ import pytest
 from extract.store import StoreError, ZarrStore
 from measure.engine import Engine
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 WORKER = str(TESTS_DIR / "_reliability_worker.py")
 
 

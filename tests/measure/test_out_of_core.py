@@ -15,7 +15,7 @@ import torch
 from extract.store import StoreInfo, ZarrStore
 from measure.engine.streaming import gram_block_rows, layer_gram
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 MiB = 2**20
 
 

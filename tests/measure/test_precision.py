@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_engine import write_store
+from _stores import write_store
 
 import pipeline
 from measure import MeasureError

@@ -153,7 +153,7 @@ def die_after_data(array, value):
 measure.engine.cache._write = die_after_data
 cache.put(store, "0", np.ones((48, 48)))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()
     cache = StatisticsCache(tmp_path / "c.zarr")
     assert len(cache.entries()) == 1 and not next(iter(cache.entries().values()))["complete"]

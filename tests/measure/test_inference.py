@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from _stores import write_store
 
-from extract.store import StoreInfo, ZarrStore
+from extract.store import ZarrStore
 from measure import MEASURES, MeasureError, bootstrap, compare, permutation_test
 from measure.engine import Engine
 from measure.inference import _take, pair_statistics
@@ -155,27 +156,13 @@ def test_bootstrap_minds_duplicated_samples():
 
 
 # --------------------------------------------------------------------------- stores, engine and CLI
-def _write_store(path, name, layers, n, inputs=None):
-    store = ZarrStore(path, read_only=False, create=True)
-    for layer, array in layers.items():
-        store.create_array(f"layers/{layer}", array.shape, "float64", 8)
-        store.write(f"layers/{layer}", 0, array)
-    if inputs is not None:
-        store.create_array("inputs", inputs.shape, "float64", 8)
-        store.write("inputs", 0, inputs)
-    store.write_info(StoreInfo(model_name=name, layers=list(layers), dtype="float64", n_samples=n, chunk_samples=8,
-                               samples_done=n, complete=True, inputs_stored=inputs is not None,
-                               input_shape=[] if inputs is None else list(inputs.shape[1:]),
-                               fingerprint="test:stats"))
-    return path
-
-
 def _zoo(tmp_path, n=24):
     rng = np.random.default_rng(12)
     z = rng.standard_normal((n, 5))
     a = {"h1": z @ rng.standard_normal((5, 6)), "h2": np.tanh(z @ rng.standard_normal((5, 3)))}
     b = {"g1": z @ rng.standard_normal((5, 4)) + 0.2 * rng.standard_normal((n, 4)), "g2": rng.standard_normal((n, 2))}
-    paths = [_write_store(tmp_path / "a.zarr", "a", a, n, inputs=z), _write_store(tmp_path / "b.zarr", "b", b, n)]
+    paths = [write_store(tmp_path / "a.zarr", "a", a, z, chunk=8, fingerprint="test:stats").path,
+             write_store(tmp_path / "b.zarr", "b", b, chunk=8, fingerprint="test:stats").path]
     return paths, a, b, z
 
 

@@ -24,7 +24,7 @@ import pipeline
 from extract import extract
 from extract.store import ZarrStore
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 

@@ -1,8 +1,8 @@
 """The CKA family and dCKA against direct float64 NumPy transcriptions of their formulas (DESIGN.md §4).
 
-The references below build the centering matrix H explicitly and follow the papers' formulas
-literally; the library never forms H, streams, and uses other algebra, so agreement to 1e-10
-is evidence that both are right.
+The references (``measure_references``) build the centering matrix H explicitly and follow the
+papers' formulas literally; the library never forms H, streams, and uses other algebra, so
+agreement to 1e-10 is evidence that both are right.
 """
 
 from __future__ import annotations
@@ -10,97 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from measure_references import (
+    ref_cka,
+    ref_cka_debiased,
+    ref_cka_minibatch,
+    ref_cka_rbf,
+    ref_dcka,
+    ref_hsic_unbiased,
+    unit_gram,
+)
 
 from measure import MeasureError, cka, cka_debiased, cka_minibatch, cka_rbf, compare, dcka
-
-# ----------------------------------------------------------------------------- references
-
-
-def _h(n: int) -> np.ndarray:
-    return np.eye(n) - np.ones((n, n)) / n
-
-
-def ref_hsic(k: np.ndarray, l_: np.ndarray) -> float:
-    """Biased HSIC, Kornblith et al. 2019: tr(HKH HLH) / (n − 1)²."""
-    h = _h(len(k))
-    return float(np.trace(h @ k @ h @ h @ l_ @ h)) / (len(k) - 1) ** 2
-
-
-def ref_cka_kernel(k: np.ndarray, l_: np.ndarray) -> float:
-    return ref_hsic(k, l_) / np.sqrt(ref_hsic(k, k) * ref_hsic(l_, l_))
-
-
-def ref_cka(x: np.ndarray, y: np.ndarray) -> float:
-    return ref_cka_kernel(x @ x.T, y @ y.T)
-
-
-def ref_hsic_unbiased(k: np.ndarray, l_: np.ndarray) -> float:
-    """Song et al. (JMLR 2012) eq. 5, with K̂, L̂ the Grams with zeroed diagonals."""
-    n = len(k)
-    kh, lh = k.copy(), l_.copy()
-    np.fill_diagonal(kh, 0)
-    np.fill_diagonal(lh, 0)
-    one = np.ones(n)
-    trace = np.trace(kh @ lh)
-    sums = (one @ kh @ one) * (one @ lh @ one) / ((n - 1) * (n - 2))
-    cross = 2 / (n - 2) * (one @ kh @ lh @ one)
-    return float(trace + sums - cross) / (n * (n - 3))
-
-
-def ref_cka_debiased(x: np.ndarray, y: np.ndarray) -> float:
-    # HSIC₁ of a linear kernel is translation invariant: evaluate it on column-centred features so the
-    # reference itself does not lose digits to the uncentred Gram's large entries
-    x, y = x - x.mean(0), y - y.mean(0)
-    k, l_ = x @ x.T, y @ y.T
-    return ref_hsic_unbiased(k, l_) / np.sqrt(ref_hsic_unbiased(k, k) * ref_hsic_unbiased(l_, l_))
-
-
-def ref_rbf(x: np.ndarray, threshold: float) -> np.ndarray:
-    """exp(−‖xi − xj‖² / (2σ²)), σ² = threshold² · median of all n² squared distances (diagonal included)."""
-    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-    sigma2 = threshold**2 * np.median(d2)
-    return np.exp(-d2 / (2 * sigma2))
-
-
-def ref_cka_rbf(x, y, threshold=0.4):
-    return ref_cka_kernel(ref_rbf(x, threshold), ref_rbf(y, threshold))
-
-
-def ref_cka_minibatch(x, y, batch_size):
-    """Nguyen et al. 2021: Σ_t HSIC₁(K_t, L_t) / √(Σ_t HSIC₁(K_t, K_t) Σ_t HSIC₁(L_t, L_t)), full batches only."""
-    kk = ll = kl = 0.0
-    for t in range(len(x) // batch_size):
-        xb, yb = x[t * batch_size:(t + 1) * batch_size], y[t * batch_size:(t + 1) * batch_size]
-        xb, yb = xb - xb.mean(0), yb - yb.mean(0)
-        k, l_ = xb @ xb.T, yb @ yb.T
-        kk += ref_hsic_unbiased(k, k)
-        ll += ref_hsic_unbiased(l_, l_)
-        kl += ref_hsic_unbiased(k, l_)
-    return kl / np.sqrt(kk * ll)
-
-
-def _unit_gram(a: np.ndarray) -> np.ndarray:
-    """Gram of the column-centred, unit-Frobenius matrix."""
-    ac = a - a.mean(0)
-    ac = ac / np.linalg.norm(ac)
-    return ac @ ac.T
-
-
-def ref_dcka(x, y, z, psd=False):
-    """Cui et al. 2022: regress vec(K) on [1, vec(K₀)] by least squares, linear CKA of the residuals."""
-    k0 = _unit_gram(z)
-    design = np.stack([np.ones(k0.size), k0.ravel()], axis=1)
-    residuals = []
-    for a in (x, y):
-        k = _unit_gram(a)
-        coef, *_ = np.linalg.lstsq(design, k.ravel(), rcond=None)
-        r = (k.ravel() - design @ coef).reshape(k.shape)
-        if psd:
-            w, v = np.linalg.eigh(r)
-            r = (v * np.clip(w, 0, None)) @ v.T
-        residuals.append(r)
-    return ref_cka_kernel(*residuals)
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -256,7 +176,7 @@ def test_dcka_can_be_negative_and_the_input_explains_variance():
     k0 = confounder_gram(torch.from_numpy(z))
     prepared = _dcka_prepare(linear_gram(torch.from_numpy(x)), k0)
     explained = prepared.extras["variance_explained"]
-    kx, k0n = _unit_gram(x), _unit_gram(z)
+    kx, k0n = unit_gram(x), unit_gram(z)
     r2 = np.corrcoef(kx.ravel(), k0n.ravel())[0, 1] ** 2  # R² of a simple regression with intercept
     assert explained == pytest.approx(r2, abs=1e-10)
     # dCKA can be negative: representations sharing the input directions but with other residual structure

@@ -8,12 +8,20 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
-from scipy.spatial.distance import pdist
+from _stores import write_store
+from measure_references import (
+    ref_cca_rhos,
+    ref_linreg,
+    ref_mutual_knn,
+    ref_procrustes,
+    ref_pwcca,
+    ref_rsa,
+    ref_svcca,
+)
 
 import measure
-from extract.store import StoreInfo, ZarrStore
+from extract.store import ZarrStore
 from measure import MEASURES, MeasureError, compare
 from measure.engine import Engine
 
@@ -32,72 +40,6 @@ def _data(n, p, q, seed=0, coupling=1.0):
 
 def _center(x):
     return x - x.mean(axis=0)
-
-
-def _basis(x):
-    """Orthonormal basis of the centred columns: QR when full column rank, else the SVD's left vectors."""
-    xc = _center(x)
-    n, p = xc.shape
-    if p < n - 1:
-        return np.linalg.qr(xc)[0]
-    u, s, _ = np.linalg.svd(xc, full_matrices=False)
-    return u[:, s > s.max() * max(n, p) * EPS * 10]
-
-
-def ref_procrustes(x, y):
-    xc, yc = _center(x), _center(y)
-    xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
-    width = max(xc.shape[1], yc.shape[1])
-    xp = np.pad(xc, ((0, 0), (0, width - xc.shape[1])))
-    yp = np.pad(yc, ((0, 0), (0, width - yc.shape[1])))
-    return np.linalg.svd(xp.T @ yp, compute_uv=False).sum()
-
-
-def ref_cca_rhos(x, y):
-    qx, qy = _basis(x), _basis(y)
-    return np.linalg.svd(qx.T @ qy, compute_uv=False)[: min(qx.shape[1], qy.shape[1])]
-
-
-def ref_svcca(x, y, variance=0.99):
-    def reduce(a):
-        u, s, _ = np.linalg.svd(_center(a), full_matrices=False)
-        share = np.cumsum(s**2) / np.sum(s**2)
-        k = int(np.searchsorted(share, variance)) + 1
-        return u[:, :k] * s[:k]
-
-    return ref_cca_rhos(reduce(x), reduce(y)).mean()
-
-
-def ref_pwcca(x, y):
-    qx, qy = _basis(x), _basis(y)
-    a, rho, _ = np.linalg.svd(qx.T @ qy, full_matrices=False)
-    h = qx @ a  # canonical variables of x, one column each
-    alpha = np.abs(h.T @ _center(x)).sum(axis=1)
-    return np.sum(alpha * rho) / np.sum(alpha)
-
-
-def ref_linreg(x, y):
-    """R² of the least-squares fit of centred x from centred y."""
-    xc, yc = _center(x), _center(y)
-    coef = np.linalg.lstsq(yc, xc, rcond=None)[0]
-    return 1 - np.sum((xc - yc @ coef) ** 2) / np.sum(xc**2)
-
-
-def ref_rsa(x, y, rdm="correlation", compare="spearman"):
-    dx, dy = pdist(x, rdm), pdist(y, rdm)
-    test = scipy.stats.spearmanr if compare == "spearman" else scipy.stats.pearsonr
-    return test(dx, dy)[0]
-
-
-def ref_mutual_knn(x, y, k):
-    def knn(a):
-        a = a / np.linalg.norm(a, axis=1, keepdims=True)
-        s = a @ a.T
-        np.fill_diagonal(s, -np.inf)
-        return np.argsort(-s, axis=1, kind="stable")[:, :k]
-
-    nx, ny = knn(x), knn(y)
-    return np.mean([len(set(nx[i]) & set(ny[i])) / k for i in range(len(x))])
 
 
 def _quiet(fn, *args, **kwargs):
@@ -296,17 +238,6 @@ def test_constant_layer_is_undefined():
 
 
 # --------------------------------------------------------------------------- the engine path
-def _write_store(path, name, layers, n, chunk):
-    store = ZarrStore(path, read_only=False, create=True)
-    for layer, array in layers.items():
-        store.create_array(f"layers/{layer}", array.shape, "float64", chunk)
-        store.write(f"layers/{layer}", 0, array)
-    store.write_info(StoreInfo(model_name=name, layers=list(layers), dtype="float64", n_samples=n,
-                               chunk_samples=chunk, samples_done=n, complete=True, inputs_stored=False,
-                               fingerprint="test:family"))
-    return path
-
-
 def test_engine_on_disk_equals_compare(tmp_path):
     n = 36
     rng = np.random.default_rng(11)
@@ -317,7 +248,8 @@ def test_engine_on_disk_equals_compare(tmp_path):
         "b": {"m1": z @ rng.standard_normal((3, 4)) + 0.5 * rng.standard_normal((n, 4)),
               "m2": np.tanh(z @ rng.standard_normal((3, 9)))},
     }
-    paths = [_write_store(tmp_path / f"{m}.zarr", m, layers, n, chunk=10) for m, layers in models.items()]
+    paths = [write_store(tmp_path / f"{m}.zarr", m, layers, chunk=10, fingerprint="test:family").path
+             for m, layers in models.items()]
     engine = Engine([ZarrStore(p) for p in paths], device="cpu")
     names = ["procrustes", "procrustes_angular", "cca", "svcca", "pwcca", "linreg", "rsa", "mutual_knn"]
     with warnings.catch_warnings():

@@ -7,31 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _stores import write_store
 
 import measure.engine.streaming as statistics
-from extract.store import INPUTS_ARRAY, LAYERS_GROUP, StoreError, StoreInfo, ZarrStore
+from extract.store import StoreError
 from measure import MeasureError, compare
 from measure.engine import Engine, default_device
 
 N = 45  # not a multiple of the chunk sizes or of the minibatch size below
-
-
-def write_store(path, name, layers, inputs=None, chunk=7, fingerprint="sha256:test", complete=True):
-    """A simtorch store written directly with ZarrStore (as extract does), then reopened read-only."""
-    store = ZarrStore(path, read_only=False, create=True)
-    n = len(next(iter(layers.values())))
-    for layer, array in layers.items():
-        store.create_array(f"{LAYERS_GROUP}/{layer}", array.shape, str(array.dtype), chunk)
-        store.write(f"{LAYERS_GROUP}/{layer}", 0, array)
-    if inputs is not None:
-        store.create_array(INPUTS_ARRAY, inputs.shape, str(inputs.dtype), chunk)
-        store.write(INPUTS_ARRAY, 0, inputs)
-    store.write_info(StoreInfo(
-        model_name=name, layers=list(layers), n_samples=n, chunk_samples=chunk,
-        samples_done=n if complete else chunk, fingerprint=fingerprint, complete=complete,
-        inputs_stored=inputs is not None, input_shape=list(inputs.shape[1:]) if inputs is not None else [],
-    ))
-    return ZarrStore(path)
 
 
 def zoo(seed=0, n=N):
