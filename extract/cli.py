@@ -61,7 +61,8 @@ examples:
 """
 
 CONFIG_TYPES = {"data": str, "out": str, "batch_size": int, "dtype": str, "device": str, "no_inputs": bool,
-                "models": list}
+                "models": list, "image_size": int, "image_resize": int, "image_mean": list, "image_std": list,
+                "no_normalize": bool}
 MODEL_KEYS = {"model": str, "weights": str, "name": str, "layers": (list, str)}
 
 
@@ -78,17 +79,49 @@ def exit_on_known_errors(func: Callable[[argparse.Namespace], int]) -> Callable[
             RuntimeError, OSError, tomllib.TOMLDecodeError,
         )
         try:
-            return func(args)
+            code = func(args)
+            sys.stdout.flush()  # output cut short by a reader (`| head`) shows here, not at interpreter exit
+            return code
+        except BrokenPipeError as exc:
+            if not _stdout_closed():  # another pipe (a worker, a connection): a real error
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            return 141  # as a shell reports a process ended by SIGPIPE
         except known as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2 if isinstance(exc, (CommandError, SpecError, ValueError, TypeError)) else 1
-        except KeyboardInterrupt:
-            print("interrupted: rerun the same command to resume.", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            # an extraction says what it left (extract.runner.ExtractInterrupted); other commands leave
+            # nothing half-written, and what they finished (stores, cached statistics) is reused
+            print(f"interrupted: {exc}" if str(exc) else "interrupted: rerun the same command to continue; "
+                  "finished stores and cached statistics are reused.", file=sys.stderr)
             return 130
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``| head``); then it is pointed at /dev/null.
+
+    As the Python docs advise (``signal``, "Note on SIGPIPE"), so that the flush at exit does not fail again.
+    """
+    import os
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        return True
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured), or no poll on this platform
+        return False
 
 
 def _command_parser(subparsers, name: str, func, **kwargs: Any) -> argparse.ArgumentParser:
@@ -112,7 +145,8 @@ def extract_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="module:function factory, TorchScript file, HF directory or torchvision:NAME")
     parser.add_argument("--weights", help="state-dict file loaded into --model")
     parser.add_argument("--name", help="model name; the store is OUT/NAME.zarr")
-    parser.add_argument("--data", help="digits, digits:train, a .npy/.pt file, or module:function")
+    parser.add_argument("--data", help="digits, digits:train, a .npy/.pt file, a folder of images, a .txt/.json/.jsonl "
+                                       "file of texts, or module:function")
     parser.add_argument("--layers", nargs="+", metavar="PATTERN", help="module names or globs ('layer*.conv?')")
     parser.add_argument("--out", default=None, help=f"folder receiving NAME.zarr (default {DEFAULT_ACTIVATIONS})")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (default 128)")
@@ -125,6 +159,18 @@ def extract_command_parser(subparsers=None) -> argparse.ArgumentParser:
                              "optionally PATTERN=REDUCTION ('block*=gap'); token layers default to mean")
     parser.add_argument("--max-length", type=int, default=None,
                         help="text data: pad/truncate to this many tokens (default: the longest text)")
+    images = parser.add_argument_group(
+        "image folders (--data DIR)",
+        "default: shorter side resized to 256, centre crop 224, ImageNet mean/std; without these options an HF "
+        "model directory's own image processor (preprocessor_config.json) is used when it has one")
+    images.add_argument("--image-size", type=int, default=None, metavar="PX", help="side of the centre crop (224)")
+    images.add_argument("--image-resize", type=int, default=None, metavar="PX",
+                        help="shorter side before cropping (default round(size / 0.875))")
+    images.add_argument("--image-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="per-channel mean of pixels in [0, 1] (ImageNet's)")
+    images.add_argument("--image-std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="per-channel std (ImageNet's)")
+    images.add_argument("--no-normalize", action="store_true", help="keep pixels in [0, 1]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="extract the models as tasks on a local dask cluster of N worker processes")
@@ -188,6 +234,9 @@ class ExtractPlan:
         The options every model shares (``device`` as requested, None: each runner picks).
     max_length : int or None
         Text data: pad/truncate to this many tokens.
+    images : ImagePreprocessing or None
+        Image folders: the preprocessing the options ask for; None when no image option was given
+        (the default preprocessing, or the model directory's image processor).
     workers, scheduler
         ``--workers N`` / ``--scheduler ADDRESS``: run the jobs as dask tasks (``extract.dask_jobs``).
     """
@@ -199,6 +248,7 @@ class ExtractPlan:
     max_length: int | None = None
     workers: int | None = None
     scheduler: str | None = None
+    images: Any = None
 
     @property
     def on_dask(self) -> bool:
@@ -209,7 +259,7 @@ class ExtractPlan:
         """The job writing ``OUT/NAME.zarr`` from ``model`` with ``weights``; ``changes`` override options."""
         options = self.options.replace(name=name, layers=layers, device=device,
                                        model_spec=f"{model}|weights={weights or ''}", **changes)
-        return ExtractJob(model, weights, data, self.out / f"{name}.zarr", options, max_length)
+        return ExtractJob(model, weights, data, self.out / f"{name}.zarr", options, max_length, self.images)
 
     def model_jobs(self, data: Any, device: Any) -> list[ExtractJob]:
         """One job per model of the flags and config, on ``data`` (a spec, or the loaded dataset)."""
@@ -247,7 +297,24 @@ def plan_extract(args: argparse.Namespace) -> ExtractPlan:
         max_length=getattr(args, "max_length", None),
         workers=getattr(args, "workers", None),
         scheduler=getattr(args, "scheduler", None),
+        images=_image_preprocessing(args, config),
     )
+
+
+def _image_preprocessing(args: argparse.Namespace, config: dict):
+    """The ``ImagePreprocessing`` of the image flags and keys (flags first), None when none was given."""
+    keys = ("image_size", "image_resize", "image_mean", "image_std", "no_normalize")
+    given = {k: getattr(args, k, None) for k in keys}
+    given = {k: config.get(k) if v is None or v is False else v for k, v in given.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    from .images import ImagePreprocessing
+
+    settings = {"size": given.get("image_size", 224), "resize": given.get("image_resize"),
+                "normalize": not given.get("no_normalize", False)}
+    settings.update({name: tuple(given[f"image_{name}"]) for name in ("mean", "std") if f"image_{name}" in given})
+    return ImagePreprocessing(**settings)
 
 
 def _models(args: argparse.Namespace, config: dict) -> list[dict]:
@@ -262,7 +329,25 @@ def _models(args: argparse.Namespace, config: dict) -> list[dict]:
             raise CommandError(f"Model {m['model']!r} needs --layers (module names or globs).")
         m.setdefault("name", None)
         m["name"] = m["name"] or Path(str(m["model"]).replace(":", "_")).stem
+        _check_store_name(m["name"])
     return models
+
+
+def _check_store_name(name: str) -> None:
+    """A model name must give a store ``OUT/NAME.zarr`` inside ``--out``: no path separator, no leading dot.
+
+    A hub-style name ``org/model`` is refused with the suggestion ``org--model`` (the Hugging Face cache's rule).
+    """
+    if "/" in name or "\\" in name:
+        parts = name.replace("\\", "/").split("/")
+        plain = all(p and not p.startswith(".") for p in parts)
+        hint = (f"for a hub-style name write {'--'.join(parts)!r}" if plain
+                else "choose a plain name such as 'resnet18_seed1'")
+        raise CommandError(f"--name {name!r} contains a path separator, but the store must be OUT/NAME.zarr inside "
+                           f"--out; {hint} (use --out to choose the folder).")
+    if name.startswith("."):
+        raise CommandError(f"--name {name!r} starts with a dot, which would give a hidden store {name}.zarr "
+                           "(or one outside --out); choose a name that starts with a letter or digit.")
 
 
 # ----------------------------------------------------------------------------- extract: the command
@@ -282,7 +367,7 @@ def extract_command(args: argparse.Namespace) -> int:
         return _run_jobs(plan, plan.model_jobs(plan.data, job_device))
     from .specs import load_data
 
-    return _run_jobs(plan, plan.model_jobs(load_data(plan.data), job_device))
+    return _run_jobs(plan, plan.model_jobs(load_data(plan.data, plan.images), job_device))
 
 
 def _default_device(requested: str | None) -> str:
@@ -316,12 +401,18 @@ def _run_jobs(plan: ExtractPlan, jobs: list[ExtractJob]) -> int:
             _report_extract(result)
         return 0
     from .runner import extract
-    from .specs import load_model
-    from .text import tokenize_for_model
+    from .specs import load_model, prepare_for_model
+
+    notes: set[str] = set()
+
+    def note_once(line: str) -> None:
+        if line not in notes:
+            notes.add(line)
+            print(line, file=sys.stderr)
 
     for job in jobs:
         model = load_model(job.model, job.weights)
-        data = tokenize_for_model(job.data, str(job.model), max_length=job.max_length)
+        data = prepare_for_model(job.data, model, str(job.model), max_length=job.max_length, note=note_once)
         _report_extract(extract(model, data, job.path, options=job.options))
     return 0
 

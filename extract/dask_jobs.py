@@ -58,21 +58,22 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
 
 
 def extract_job(model: str, data: Any, path: Any, *, weights: str | None = None, max_length: int | None = None,
-                device: str | None = None, **options: Any):
+                device: str | None = None, images: Any = None, **options: Any):
     """Runs on a worker: load ``model`` (a spec) and ``data`` (a spec or an array), then ``extract``.
 
-    ``device=None`` picks CUDA when this worker has it, else CPU.
+    ``device=None`` picks CUDA when this worker has it, else CPU; ``images`` preprocesses an image
+    folder (``extract.specs.load_data``).
     """
     import torch
 
     from .runner import extract
-    from .specs import load_data, load_model
-    from .text import tokenize_for_model
+    from .specs import load_data, load_model, prepare_for_model
 
+    net = load_model(model, weights)
     if isinstance(data, str):
-        data = tokenize_for_model(load_data(data), str(model), max_length=max_length)
+        data = prepare_for_model(load_data(data, images), net, str(model), max_length=max_length)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return extract(load_model(model, weights), data, path, device=device, progress=False, **options)
+    return extract(net, data, path, device=device, progress=False, **options)
 
 
 def extract_many(jobs: Sequence[dict[str, Any]], *, workers: int | None = None,

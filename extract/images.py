@@ -15,11 +15,20 @@ Preprocessing (``ImagePreprocessing``)
     to [0, 1] and normalised per channel with ``mean`` and ``std`` (ImageNet's by default;
     ``normalize=False`` keeps [0, 1]). A sample is a float32 tensor of shape (3, size, size).
 
-A file that Pillow cannot read raises ``ImageFolderError`` naming the file, before any model runs.
+Model preprocessing
+    When the model is a Hugging Face directory holding an image processor
+    (``preprocessor_config.json``) and no image option was given, ``HFImageProcessor`` replaces
+    ``ImagePreprocessing``: the image, converted to RGB as above, goes through
+    ``AutoImageProcessor`` loaded offline from that directory (``extract.specs.prepare_for_model``).
+
+A file that Pillow cannot open raises ``ImageFolderError`` naming the file, before any model runs (every
+file's header is checked when the folder is listed); a file whose pixel data turns out damaged while the
+model runs raises the same error naming it, and the run stops without completing the store.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,16 +37,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageFolder", "ImageFolderError",
-           "ImagePreprocessing", "list_images", "sample_labels"]
+from .errors import SpecError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "HFImageProcessor", "ImageFolder", "ImageFolderError",
+           "ImagePreprocessing", "as_rgb", "list_images", "load_image_processor", "sample_labels"]
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderError(ValueError):
-    """A folder of images that cannot be read as a dataset (no images, an unreadable file)."""
+class ImageFolderError(SpecError):
+    """A folder of images that cannot be read as a dataset (no images, an unreadable file, bad settings)."""
+
+
+def as_rgb(image):
+    """A Pillow image with its EXIF orientation applied, converted to RGB (palette transparency respected)."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = image.convert("RGBA" if "transparency" in image.info else image.mode).convert("RGB")
+    return image
 
 
 @dataclass(frozen=True)
@@ -64,17 +85,19 @@ class ImagePreprocessing:
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ImageFolderError(f"The image size must be a positive integer, got {self.size!r}.")
+            raise ImageFolderError(f"The image size (--image-size) must be a positive integer, got {self.size!r}.")
         if self.resize is not None and (not isinstance(self.resize, int) or self.resize < self.size):
-            raise ImageFolderError(f"The resize length must be an integer ≥ the crop size {self.size}, "
-                                   f"got {self.resize!r}.")
+            raise ImageFolderError(f"The resize length (--image-resize) must be an integer ≥ the crop size "
+                                   f"{self.size}, got {self.resize!r}.")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if len(value) != 3:
-                raise ImageFolderError(f"The image {name} needs 3 values (R, G, B), got {list(value)}.")
+            if isinstance(value, str) or len(value) != 3 or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+                raise ImageFolderError(f"The image {name} (--image-{name}) needs 3 values (R, G, B numbers), "
+                                       f"got {list(value)}.")
             object.__setattr__(self, name, tuple(float(v) for v in value))
         if any(s <= 0 for s in self.std):
-            raise ImageFolderError(f"The image std must be positive, got {list(self.std)}.")
+            raise ImageFolderError(f"The image std (--image-std) must be positive, got {list(self.std)}.")
 
     @property
     def shorter_side(self) -> int:
@@ -82,11 +105,9 @@ class ImagePreprocessing:
 
     def __call__(self, image) -> torch.Tensor:
         """The (3, size, size) float32 tensor of a Pillow image."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
-        image = ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            image = image.convert("RGBA" if "transparency" in image.info else image.mode).convert("RGB")
+        image = as_rgb(image)
         width, height = image.size
         scale = self.shorter_side / min(width, height)
         new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
@@ -101,6 +122,45 @@ class ImagePreprocessing:
     def describe(self) -> dict:
         """JSON-friendly settings, recorded in the store and part of its dataset fingerprint."""
         return {**asdict(self), "resize": self.shorter_side, "mean": list(self.mean), "std": list(self.std)}
+
+
+class HFImageProcessor:
+    """The image processor saved in a Hugging Face model directory, as an image-to-tensor callable.
+
+    The image is converted to RGB (``as_rgb``) and passed to the processor; the sample is its
+    ``pixel_values`` as a float32 tensor (for ViT-style processors: (3, H, W)).
+    """
+
+    def __init__(self, processor, model_dir: str) -> None:
+        self.processor = processor
+        self.model_dir = model_dir
+
+    def __call__(self, image) -> torch.Tensor:
+        pixels = self.processor(images=as_rgb(image), return_tensors="pt")["pixel_values"]
+        return torch.as_tensor(pixels)[0].to(torch.float32).contiguous()
+
+    def describe(self) -> dict:
+        return {"hf_image_processor": self.model_dir}
+
+
+def load_image_processor(model_dir: str | os.PathLike[str]) -> HFImageProcessor | None:
+    """The image processor of a Hugging Face model directory (offline), None without ``preprocessor_config.json``."""
+    path = Path(model_dir)
+    if not (path.is_dir() and (path / "preprocessor_config.json").is_file()):
+        return None
+    try:
+        from transformers import AutoImageProcessor
+    except ImportError as exc:
+        raise ImageFolderError("The image processor of a Hugging Face model directory needs transformers: "
+                               "pip install transformers.") from exc
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ImageFolderError(
+            f"Cannot load the image processor in {path} ({type(exc).__name__}: {exc}); fix its "
+            "preprocessor_config.json, or pass --image-size to use simtorch's own preprocessing."
+        ) from exc
+    return HFImageProcessor(processor, str(path))
 
 
 def _hidden(relative: Path) -> bool:
@@ -135,6 +195,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ImageFolderError(f"{self.root} is not a folder.")
+        self.preprocessing_given = preprocessing is not None  # False: the model's own processor may replace it
         self.preprocessing = preprocessing or ImagePreprocessing()
         self.files = list_images(self.root)
         if not self.files:
@@ -157,6 +218,13 @@ class ImageFolder(torch.utils.data.Dataset):
                     "remove or replace it."
                 ) from None
 
+    def with_preprocessing(self, preprocessing) -> ImageFolder:
+        """The same files (not listed or checked again) with another image-to-tensor callable."""
+        copy = object.__new__(ImageFolder)
+        copy.__dict__.update(self.__dict__)
+        copy.preprocessing = preprocessing
+        return copy
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -164,16 +232,23 @@ class ImageFolder(torch.utils.data.Dataset):
         from PIL import Image
 
         path = self.root / self.files[index]
+        image = None
         try:
-            with Image.open(path) as image:
-                image.load()
-                return self.preprocessing(image)
-        except (OSError, ValueError) as exc:
-            raise ImageFolderError(f"{path} is not a readable image ({exc}); remove or replace it.") from None
+            image = Image.open(path)
+            image.load()
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged data
+            if image is not None:
+                image.close()
+            raise ImageFolderError(
+                f"{path} is not a readable image ({type(exc).__name__}: {exc}); remove or replace it."
+            ) from None
+        with image:
+            return self.preprocessing(image)
 
 
 def sample_labels(dataset: Sequence) -> tuple[list[str], list[str]] | None:
-    """(relative paths, classes) of an ``ImageFolder``, None for any other dataset."""
+    """(relative paths, classes) of an ``ImageFolder`` (or a DataLoader over one), None for any other dataset."""
+    dataset = getattr(dataset, "dataset", dataset) if isinstance(dataset, torch.utils.data.DataLoader) else dataset
     if isinstance(dataset, ImageFolder):
         return list(dataset.files), list(dataset.classes)
     return None

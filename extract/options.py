@@ -81,7 +81,9 @@ class ExtractJob:
     """One store to write: the model and data by spec (loaded where the job runs), the store and its options.
 
     ``data`` is a data spec (``"digits"``, a file, ``module:function``) or an
-    array; ``max_length`` pads or truncates text data (``extract.text``).
+    array; ``max_length`` pads or truncates text data (``extract.text``);
+    ``images`` (an ``extract.images.ImagePreprocessing``, None: the default or
+    the model directory's image processor) preprocesses an image folder.
     """
 
     model: str
@@ -90,10 +92,12 @@ class ExtractJob:
     path: Any
     options: ExtractOptions
     max_length: int | None = None
+    images: Any = None
 
     def task(self) -> dict[str, Any]:
         """Keyword arguments of ``extract.dask_jobs.extract_job`` (which turns progress bars off)."""
         options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
         del options["progress"]
+        images = {} if self.images is None else {"images": self.images}  # image-folder preprocessing, when set
         return {"model": self.model, "weights": self.weights, "data": self.data, "path": self.path,
-                "max_length": self.max_length, **options}
+                "max_length": self.max_length, **images, **options}

@@ -36,15 +36,29 @@ from ._version import __version__
 from .batches import as_loader, batch_len, confounder_rows, model_input, to_device
 from .errors import LayerSelectionError, StoreError
 from .hooks import SimilarityModel
+from .images import sample_labels
 from .options import STORAGE_DTYPES, ExtractOptions
-from .store.format import DEFAULT_CHUNK_BYTES, INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreInfo, chunk_samples
+from .store.format import (
+    DEFAULT_CHUNK_BYTES,
+    INPUTS_ARRAY,
+    LAYERS_GROUP,
+    MASK_ARRAY,
+    StoreInfo,
+    chunk_samples,
+    dimension_names,
+    layer_name_problem,
+)
 from .store.reductions import LayerReducer, rules_key
 from .store.remote import as_path, remove_tree
 from .store.zarr_store import ZarrStore
 from .text import attention_mask, fingerprint_rows
 from .writer import ChunkWriter
 
-__all__ = ["ExtractResult", "extract", "weights_digest"]
+__all__ = ["ExtractInterrupted", "ExtractResult", "extract", "weights_digest"]
+
+
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an extraction; its message says whether a rerun resumes the store or starts it again."""
 
 
 @dataclass
@@ -249,6 +263,10 @@ def _extract(model: nn.Module | SimilarityModel, data: Any, path: str | os.PathL
     sim = model if isinstance(model, SimilarityModel) else SimilarityModel(
         model, options.name, options.layers, output_selector=options.output_selector
     )
+    for layer in sim.module_names:  # before anything is written: a store that could never be completed
+        problem = layer_name_problem(layer, sim.module_names)
+        if problem:
+            raise LayerSelectionError(f"Model {sim.model_name!r}: {problem}.")
     run_device = torch.device(options.device) if options.device is not None else sim.device
     sim.model.to(run_device)
     loader, n = as_loader(data, options.batch_size)
@@ -268,6 +286,7 @@ def _extract(model: nn.Module | SimilarityModel, data: Any, path: str | os.PathL
                 return ExtractResult(path, info.n_samples, info.layers, True, info.n_samples,
                                      time.perf_counter() - started, 0)
         run = _Run.open(sim=sim, n=n, path=path, request=request, info=info, options=options, device=run_device)
+        run.labels = sample_labels(data)
         return _write_store(run, loader, started)
 
 
@@ -337,6 +356,7 @@ class _Run:
     position: int = 0  # first sample of the next batch
     verified: int = 0  # chunk digests already checked against the partial store's
     per_sample: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    labels: tuple[list[str], list[str]] | None = None  # (file paths, classes) of an image folder
 
     @classmethod
     def open(cls, *, sim: SimilarityModel, n: int, path: Path, request: dict, info: StoreInfo | None,
@@ -390,8 +410,10 @@ def _write_store(run: _Run, loader: Any, started: float) -> ExtractResult:
         if isinstance(exc, OSError):
             raise StoreError(
                 f"Writing the store at {run.path} failed ({exc.strerror or exc}); free disk space or choose a "
-                "writable --out, then rerun the same command to resume."
+                f"writable --out, then {_rerun_advice(run)}"
             ) from exc
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, ExtractInterrupted):
+            raise ExtractInterrupted(f"{run.path}: {_rerun_advice(run)} Finished stores are reused.") from exc
         raise
     finally:
         bar.close()
@@ -478,6 +500,14 @@ def _close_writer(run: _Run) -> tuple[str, int]:
     return fingerprint, run.writer.bytes_written
 
 
+def _rerun_advice(run: _Run) -> str:
+    """What a rerun of a failed or interrupted run does: resume, or (nothing durable yet) start again."""
+    done = 0 if not run.path.exists() else run.store.info.samples_done
+    if done:
+        return f"rerun the same command to resume ({done} of {run.n} samples are written)."
+    return "rerun the same command to start again (no sample had been written, so there is nothing to resume)."
+
+
 def _clean_up_failed_run(run: _Run) -> None:
     """Stop the writer; remove a store this run created before any chunk of it became durable."""
     if run.writer is not None:
@@ -487,7 +517,9 @@ def _clean_up_failed_run(run: _Run) -> None:
 
 
 def _finish(run: _Run, fingerprint: str, bytes_written: int, started: float) -> ExtractResult:
-    """Record the fingerprint and chunk digests and set the completion marker."""
+    """Record the sample labels, the fingerprint and chunk digests, and set the completion marker."""
+    if run.labels is not None:
+        run.store.write_sample_labels(*run.labels)
     info = run.store.info
     info.fingerprint = fingerprint
     info.chunk_digests = run.fp.chunk_digests
@@ -547,8 +579,11 @@ def _create_arrays(run: _Run, arrays: dict[str, np.ndarray]) -> None:
     per_sample = {k: v.shape[1:] for k, v in arrays.items()}
     widest = max(int(np.prod(s, dtype=np.int64)) * arrays[k].dtype.itemsize for k, s in per_sample.items())
     info.chunk_samples = chunk_samples(widest, run.n, run.options.chunk_bytes)
+    token_keys = {f"{LAYERS_GROUP}/{k}" for k in run.reducer.token_layers
+                  if run.reducer.reductions is None or run.reducer.reductions[k].is_identity}
     for key, shape in per_sample.items():
-        run.store.create_array(key, (run.n, *shape), str(arrays[key].dtype), info.chunk_samples)
+        run.store.create_array(key, (run.n, *shape), str(arrays[key].dtype), info.chunk_samples,
+                               dims=dimension_names(key, (run.n, *shape), key in token_keys))
     info.layers = list(run.sim.layers)
     info.input_shape = list(arrays[INPUTS_ARRAY].shape[1:]) if INPUTS_ARRAY in arrays else []
     run.store.write_info(info)

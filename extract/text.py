@@ -38,15 +38,41 @@ __all__ = [
 
 
 class Texts(list):
-    """A list of strings read from a data spec; tokenized later with the model's tokenizer."""
+    """A list of strings read from a data spec; tokenized later with the model's tokenizer.
+
+    Every text source gives the same ``Texts`` for the same strings, so they tokenize, fingerprint
+    and extract alike: a ``.txt`` file (one text per non-blank line), a ``.json`` list of strings, a
+    ``.jsonl`` file (one JSON object with a string ``text`` field per non-blank line) and a
+    ``module:function`` returning a list of strings (``extract.specs.load_data``).
+    """
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The ``text`` field of each non-blank line of a JSON Lines file; an error names the first bad line."""
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg}); write one JSON object per "
+                             "line, such as {\"text\": \"...\"}.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}, line {number}: no string 'text' field; write one JSON object per line, "
+                             "such as {\"text\": \"...\"}.")
+        texts.append(record["text"])
+    return texts
 
 
 def load_texts(path: str | os.PathLike[str]) -> Texts:
-    """Strings from a ``.txt`` file (one per non-empty line) or a ``.json`` list of strings."""
+    """Strings from a ``.txt`` file (one per non-empty line), a ``.json`` list of strings or a ``.jsonl`` file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Text file {path} does not exist.")
-    if path.suffix == ".json":
+    if path.suffix == ".jsonl":
+        texts = _jsonl_texts(path)
+    elif path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
             raise ValueError(f"{path} must hold a JSON list of strings.")

@@ -32,6 +32,7 @@ from .errors import MeasureError
 from .inference import add_statistics, check_supported
 from .registry import MEASURES, get_measure
 from .report import REPORT_NAME, write_report, write_results
+from .report.files import check_file_names
 
 __all__ = [
     "add_measure_arguments",
@@ -91,10 +92,11 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--memory-budget", type=_positive_float, default=1.0, metavar="GIB",
                         help="GiB of features held at once while building Grams (default 1)")
-    parser.add_argument("--precision", choices=["float64", "float32"], default="float64",
-                        help="Gram products in float64 (default), or float32 on column-centred activations "
-                             "with float64 offsets: ~2x faster on CPU, CKA within ~1e-9 "
-                             "(refused by procrustes, cca, svcca, linreg)")
+    parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto",
+                        help="Gram products: float32 on column-centred activations with float64 offsets "
+                             "(~2x faster on CPU; error bound in measure.functional.gram.linear_gram), or "
+                             "float64. auto (default): float32 for float32/float16 stores, float64 for "
+                             "float64 stores and for procrustes, cca, svcca, linreg (which refuse float32)")
     parser.add_argument("--undefined", choices=["raise", "nan"], default="raise",
                         help="undefined values (constant layers...): stop with an error, or write NaN")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
@@ -238,9 +240,19 @@ def _run_measure(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_summary(results)
     if cache is not None and not args.quiet:
-        print(f"statistics: {engine.statistics_computed} computed, {cache.hits} reused from {cache.path}")
+        print(_statistics_line(engine, cache))
     print(f"wrote {len(results)} result(s) to {out}/ (manifest {manifest})")
     return 0
+
+
+def _statistics_line(engine: Engine, cache: StatisticsCache) -> str:
+    """'statistics: N computed, M reused from CACHE': layer statistics only; dCKA's Grams of the stored
+    inputs, when used, are named apart ('(+ inputs: ...)')."""
+    stats = engine.layer_statistics
+    line = f"statistics: {stats.computed} computed, {stats.reused} reused from {cache.path}"
+    if any(stats.inputs.values()):
+        line += f" (+ inputs: {stats.inputs['computed']} computed, {stats.inputs['reused']} reused)"
+    return line
 
 
 def _print_measures() -> None:
@@ -272,6 +284,7 @@ def _open_stores(paths: Sequence[Path | str], storage_options: dict[str, Any] | 
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise MeasureError(f"Several stores share the model name(s) {dupes}; results would overwrite each other. "
                            "Re-extract with distinct --name values.")
+    check_file_names(names)  # result files: distinct for names that sanitise alike ("m a", "m_a", "m/a")
     return stores
 
 
@@ -290,7 +303,7 @@ def engine_config(args: argparse.Namespace, *, progress: Any = None,
     return EngineConfig(device=args.device, layers=args.layers, memory_budget=int(args.memory_budget * 2**30),
                         undefined=args.undefined, progress=progress, cache=cache,
                         reduce=getattr(args, "reduce", None), mixed_reductions=getattr(args, "mixed_reductions", False),
-                        precision=getattr(args, "precision", "float64"))
+                        precision=getattr(args, "precision", "auto"))
 
 
 class _ProgressBar:

@@ -14,6 +14,7 @@ import torch
 from .accumulators.cka import LinearCKAMatrix, choose_route
 from .errors import MeasureError
 from .functional.dcka import confounder_gram
+from .functional.gram import PRECISION_CHOICES, resolve_precision
 from .measures.base import Measure, statistic_of
 from .registry import get_measure
 from .undefined import API_ADVICE, undefined_value
@@ -23,7 +24,7 @@ __all__ = ["cka", "cka_debiased", "cka_minibatch", "cka_rbf", "compare", "dcka"]
 
 
 def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
-            undefined: Literal["raise", "nan"] = "raise", **options: Any) -> float:
+            undefined: Literal["raise", "nan"] = "raise", precision: str = "auto", **options: Any) -> float:
     """Similarity of two representations of the same samples under measure ``name``.
 
     Parameters
@@ -38,6 +39,11 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
         What to do where the value is mathematically undefined (a constant
         layer, a negative unbiased self-HSIC): raise ``MeasureError``, or
         return NaN with a warning.
+    precision : {"auto", "float64", "float32"}, default="auto"
+        How Gram products are formed (``measure.functional.gram.linear_gram``, with its error
+        bound): ``"auto"`` uses the compensated float32 scheme when both x and y are float32 or
+        float16 (and the measure is accurate on it, ``float32_grams``), float64 otherwise;
+        float32 arrays are then used as they are, not copied to float64.
     **options
         Measure options (see ``MEASURES[name].options``).
 
@@ -47,7 +53,15 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
     """
     spec = get_measure(name)
     opts = spec.resolve_options(options)
-    xm, ym = as_samples_matrix(x, "x"), as_samples_matrix(y, "y")
+    if precision not in PRECISION_CHOICES:
+        raise MeasureError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}.")
+    grams = spec.statistic in ("gram", "gram_blocks")
+    if precision == "float32" and grams and not spec.float32_grams:
+        raise MeasureError(f"{name} needs float64 Gram products: it uses the Gram's small eigenvalues, which "
+                           "precision='float32' does not resolve. Use precision='auto' or 'float64'.")
+    precision = resolve_precision(precision, _data_dtype(x, y), grams and spec.float32_grams)
+    dtype = torch.float32 if precision == "float32" and grams else torch.float64
+    xm, ym = as_samples_matrix(x, "x", dtype), as_samples_matrix(y, "y", dtype)
     check_same_samples(xm, ym)
     check_finite(xm, "x")
     check_finite(ym, "y")
@@ -60,13 +74,20 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
         check_finite(z, "confounder")
         k0 = confounder_gram(z)
     if spec.feature_route and choose_route(opts["route"], len(xm), [xm.shape[1]], [ym.shape[1]]) == "features":
-        return _compare_features(spec, xm, ym, undefined)
-    px = spec.prepare(statistic_of(spec, xm, opts), confounder=k0, **opts)
-    py = spec.prepare(statistic_of(spec, ym, opts), confounder=k0, **opts)
+        return _compare_features(spec, xm.to(torch.float64), ym.to(torch.float64), undefined)
+    px = spec.prepare(statistic_of(spec, xm, opts, precision), confounder=k0, **opts)
+    py = spec.prepare(statistic_of(spec, ym, opts, precision), confounder=k0, **opts)
     for label, p in (("x", px), ("y", py)):
         if not getattr(p, "defined", True):
             undefined_value(name, label, p.reason, undefined, advice=API_ADVICE)
     return float(spec.pair_matrix([px], [py])[0, 0])
+
+
+def _data_dtype(*arrays: Any) -> str:
+    """"float32" when every array holds float32, float16 or bfloat16 values, else "float64"."""
+    narrow = {"float32", "float16", "bfloat16"}
+    names = [str(getattr(a, "dtype", "float64")).removeprefix("torch.") for a in arrays]
+    return "float32" if all(name in narrow for name in names) else "float64"
 
 
 def _compare_features(spec: type[Measure], x: torch.Tensor, y: torch.Tensor, undefined: str) -> float:

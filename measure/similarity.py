@@ -85,7 +85,9 @@ def _to_stores(sim_models: list[SimilarityModel], batches: Iterable, store_input
         raise ValueError("The dataloader yielded no samples.")
     stores = []
     for store_parts, model in zip(parts, sim_models, strict=True):
+        wide = any(blocks[0].dtype == np.float64 for key, blocks in store_parts.items() if key != INPUTS_ARRAY)
         info = StoreInfo(model_name=model.model_name, layers=list(model.layers), n_samples=n,
+                         dtype="float64" if wide else "float32",
                          chunk_samples=n, samples_done=n, complete=True, inputs_stored=store_inputs,
                          fingerprint=f"memory:sha256:{digest.hexdigest()}:n={n}")
         store = MemoryStore(info)
@@ -124,6 +126,10 @@ class Similarity:
     sim_model1, sim_model2 : SimilarityModel
     device : str or torch.device, default=None
         Where models run and measures are computed (CUDA when present).
+    precision : {"auto", "float64", "float32"}, default="auto"
+        How Gram products are formed (``measure.engine.EngineConfig``): ``"auto"`` takes the
+        compensated float32 scheme for float32/float16 activations, float64 for float64 ones
+        and for the measures that need float64 Grams.
     **options
         Options of the measure (see ``measure.MEASURES[name].options``).
 
@@ -146,6 +152,7 @@ class Similarity:
         self.sim_model1 = sim_model1
         self.sim_model2 = sim_model2
         self.device = device
+        self.precision = options.pop("precision", "auto")  # Gram precision (``EngineConfig.precision``)
         self.options = options
         self.sim_matrix: np.ndarray | None = None
         self.result: PairResult | None = None
@@ -165,7 +172,7 @@ class Similarity:
                 self.sim_matrix = self.result.matrix
                 return self.sim_matrix
         stores = _to_stores(models, batches, store_inputs=spec.needs_confounder)
-        engine = Engine(stores, device=device)
+        engine = Engine(stores, device=device, precision=self.precision)
         self.result = engine.run([(self.measure, options)], [(0, 1)])[0]
         self.sim_matrix = self.result.matrix
         return self.sim_matrix

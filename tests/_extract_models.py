@@ -22,9 +22,47 @@ __all__ = [
     "Reordered",
     "SmallCNN",
     "Twice",
+    "RGBNet",
     "images",
+    "rgb_net",
     "small_cnn",
+    "texts",
 ]
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "big red bird",
+    "the small green tree in the park",
+    "a slow cat",
+    "the fast dog sat",
+    "blue bird on a big tree",
+]
+
+
+def texts() -> list[str]:
+    """Data factory for ``--data _extract_models:texts`` (strings, tokenized like a .txt file)."""
+    return list(TEXTS)
+
+
+class RGBNet(nn.Module):
+    """conv -> relu -> gap -> fc, for (n, 3, H, W) images of any size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def rgb_net() -> RGBNet:
+    """Factory for ``--model _extract_models:rgb_net`` (seeded)."""
+    torch.manual_seed(0)
+    return RGBNet()
 
 
 def images(n: int = 40, seed: int = 0, size: int = 8) -> torch.Tensor:

@@ -106,6 +106,10 @@ class ActivationStore(ABC):
     def read_inputs(self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         return self.read(self.array_key(None), start, stop, out)
 
+    def sample_labels(self) -> tuple[list[str], list[str]] | None:
+        """(relative file paths, classes) of the samples when the data was an image folder, else None."""
+        return None
+
     def require_complete(self) -> None:
         """Raise unless the store carries its completion marker."""
         info = self.info

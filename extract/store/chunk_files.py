@@ -17,8 +17,7 @@ the array's own codec metadata:
   it) straight into the caller's rows. It returns False (and the caller reads through zarr, which
   names a bad chunk or fills a missing one as before) on anything unexpected.
 
-On the zoo benchmark's stores (1.4 GB) extraction took ~0.7 s less and reading
-every layer 0.25 s instead of 0.5-0.9 s. Any other chain, a remote store, or
+Timings are in ``benchmarks/README.md``. Any other chain, a remote store, or
 a partial chunk is written by zarr.
 """
 

@@ -11,6 +11,35 @@ simtorch::
                               dCKA's confounder (absent with store_inputs=False)
       mask                    uint8 (n_samples, n_tokens), the attention mask of text inputs
                               (only for token inputs; see extract.store.reductions)
+      sample_path             string (n_samples,), each sample's file path relative to the image
+                              folder it came from (only for image folders; extract.images)
+      sample_class            string (n_samples,), each sample's class: the first sub-folder of
+                              its path, "" for files at the top of the folder (image folders only)
+
+Every array names its axes in its zarr.json (Zarr v3 ``dimension_names``), so
+that ``xarray.open_zarr(path, group="layers", zarr_format=3, consolidated=False)``
+gives each layer as a DataArray (``dimension_names``). The first axis is always
+``sample``; the other axes of a layer carry the layer's name, a dot and the
+axis name, because xarray requires one size per dimension name in a group and
+two layers rarely share their widths::
+
+    (N, D)          fc1: sample, fc1.feature
+    (N, C, H, W)    conv1: sample, conv1.channel, conv1.height, conv1.width
+    (N, T, D)       a token layer of text inputs: sample, <layer>.token, <layer>.feature
+    anything else   sample, <layer>.dim_1, <layer>.dim_2, ...
+    inputs          sample, feature
+    mask            sample, token
+    (N,)            sample
+
+Stores written before the names existed have none: simtorch and zarr read
+them as before, xarray refuses them (re-extract with ``--force`` to add the
+names). The names live only in zarr.json; the chunk files are the same
+either way.
+
+Layer names become array paths under ``layers/``: a name with a ``\\`` (which
+Zarr turns into ``/``) or with an empty part between slashes, or one that
+is the folder of another chosen layer (``a`` and ``a/b``), cannot be stored
+and is refused before the first forward pass (``layer_name_problem``).
 
 Every array is chunked along the sample axis only, with one chunk length per
 store, and encoded ``bytes -> blosc(lz4, clevel 5, no shuffle) -> crc32c`` so
@@ -18,30 +47,23 @@ that a flipped bit is caught on read. On a local disk, whole chunks of that
 chain are written and read by ``extract.store.chunk_files`` (the same bytes as zarr's,
 without its per-chunk copies); everything else goes through zarr.
 
-Codec choice (``benchmarks/bench_extract.py --codecs-only --stores DIR``):
-every layer of the five demo stores (30.7 MB) / an untrained VGG-style CNN
-on 600 upsampled digits (45 MB) / one random-init ``WideCNN`` store of
-``bench_zoo.py`` (176 MB), float32; MB of raw data per CPU-second, numcodecs,
-no disk::
-
-    chain (each ends in crc32c)      ratio               encode               decode
-    none                             1.00 / 1.00 / 1.00  1823 / 1943 / 2749   12308 / 12179 / 12694
-    blosc-lz4 noshuffle, clevel 5    1.37 / 1.60 / 2.27  1099 / 1135 / 1504    3135 /  5147 /  7651
-    blosc-lz4 shuffle, clevel 5      1.29 / 1.61 / 2.35   996 /  868 / 1066    3069 /  3231 /  4065
-    blosc-lz4 bitshuffle, clevel 5   1.19 / 1.41 / 1.95  1512 /  851 /  941    3475 /  2679 /  2928
-    blosc-zstd shuffle, clevel 1     1.58 / 1.86 / 2.71   268 /  299 /  381     818 /   845 /  1319
-    zstd level 1                     1.67 / 1.91 / 2.72   519 /  605 /  799    1205 /  1653 /  2297
-
-blosc-lz4 without shuffle is kept: as small as byte shuffle (the zeros of ReLU
-layers, most of what these codecs find, compress as well unshuffled), 1.1-1.4x
-faster to encode and up to 1.9x faster to decode; zstd 1 would save another
-16-22 % of disk for about twice the CPU. Stores written with byte shuffle
-(simtorch 0.3.0 before this choice) read as before: zarr reads each array's codecs.
+Codec choice: blosc-lz4 without shuffle, clevel 5, then crc32c. The zeros of
+ReLU layers, most of what these codecs find, compress as well unshuffled;
+the comparison of codec chains (ratio, encode and decode speed) is in
+``benchmarks/README.md`` (``benchmarks/bench_extract.py --codecs-only``).
+Stores written with byte shuffle are read as they are: zarr reads each
+array's codecs.
 
 The root attributes (``StoreInfo``) record the model, its weights digest, the
 layers in capture order, the storage dtype, the sample count, the dataset
 fingerprint, library versions, the number of samples known to be durable
 (``samples_done``) and the completion marker ``complete``.
+
+``sample_path`` and ``sample_class`` (Zarr v3 variable-length UTF-8 strings, same
+codec chain) are written just before the completion marker, so the metadata
+digests recorded with it cover them; ``zarr.open_group(path)["sample_path"][:]``
+reads them without simtorch, ``ZarrStore.sample_labels()`` with it. Stores of
+other data have neither array.
 
 This module holds the names, the attributes, the codec chain, the chunking
 rule and the metadata digests; the backends (``base``, ``memory``,
@@ -61,10 +83,14 @@ __all__ = [
     "INPUTS_ARRAY",
     "LAYERS_GROUP",
     "MASK_ARRAY",
+    "SAMPLE_CLASS_ARRAY",
+    "SAMPLE_PATH_ARRAY",
     "StoreInfo",
     "chunk_codecs",
     "chunk_samples",
+    "dimension_names",
     "document_digest",
+    "layer_name_problem",
 ]
 
 FORMAT_VERSION = 1
@@ -72,6 +98,8 @@ ATTRS_KEY = "simtorch"
 LAYERS_GROUP = "layers"
 INPUTS_ARRAY = "inputs"
 MASK_ARRAY = "mask"
+SAMPLE_PATH_ARRAY = "sample_path"
+SAMPLE_CLASS_ARRAY = "sample_class"
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 
@@ -133,3 +161,59 @@ def document_digest(document: Any) -> str:
     if isinstance(attrs, dict):
         attrs.pop("integrity", None)
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def dimension_names(key: str, shape: tuple[int, ...], token_layer: bool = False) -> list[str]:
+    """The Zarr v3 ``dimension_names`` of the store array ``key`` of (full) ``shape``.
+
+    Parameters
+    ----------
+    key : str
+        ``"layers/<name>"``, ``"inputs"``, ``"mask"`` or another root array.
+    shape : tuple of int
+        The array's shape, sample axis first.
+    token_layer : bool, default=False
+        Whether the layer's first per-sample axis is the token axis of the
+        attention mask (``LayerReducer.token_layers``).
+
+    Returns
+    -------
+    list of str
+        ``sample``, then the per-sample axes (the rules are in the module docstring).
+    """
+    rest = len(shape) - 1
+    if rest < 0:
+        return []
+    if key == MASK_ARRAY and rest == 1:
+        axes = ["token"]
+    elif token_layer and rest >= 2:
+        axes = ["token", "feature"] if rest == 2 else ["token", *(f"dim_{i}" for i in range(2, rest + 1))]
+    elif rest == 1:
+        axes = ["feature"]
+    elif rest == 3:
+        axes = ["channel", "height", "width"]
+    else:
+        axes = [f"dim_{i}" for i in range(1, rest + 1)]
+    prefix = f"{LAYERS_GROUP}/"
+    if key.startswith(prefix):
+        axes = [f"{key[len(prefix):]}.{axis}" for axis in axes]
+    return ["sample", *axes]
+
+
+def layer_name_problem(layer: str, layers: list[str] | tuple[str, ...] = ()) -> str:
+    """Why ``layer`` cannot be an array under ``layers/`` of a store ('' when it can).
+
+    ``layers`` are the other layers of the same store: a layer that is the
+    folder of another (``a`` and ``a/b``) cannot be stored either.
+    """
+    if "\\" in layer:
+        return (f"layer {layer!r} has a '\\' in its name, which a Zarr store cannot hold (Zarr reads it as '/'); "
+                "capture its parent module, or rename the module (e.g. with add_module) before extracting")
+    if "/" in layer and "" in layer.split("/"):
+        return (f"layer {layer!r} has an empty part between '/' separators, which a Zarr store cannot hold; "
+                "rename the module before extracting")
+    for other in layers:
+        if other != layer and other.startswith(layer + "/"):
+            return (f"layer {layer!r} would be the folder of layer {other!r} in the store (Zarr keeps names "
+                    "with '/' as nested paths); capture only one of them")
+    return ""

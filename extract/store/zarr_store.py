@@ -17,7 +17,18 @@ import numpy as np
 from ..errors import StoreError
 from .base import ActivationStore
 from .chunk_files import ChunkFiles
-from .format import ATTRS_KEY, INPUTS_ARRAY, LAYERS_GROUP, MASK_ARRAY, StoreInfo, chunk_codecs, document_digest
+from .format import (
+    ATTRS_KEY,
+    INPUTS_ARRAY,
+    LAYERS_GROUP,
+    MASK_ARRAY,
+    SAMPLE_CLASS_ARRAY,
+    SAMPLE_PATH_ARRAY,
+    StoreInfo,
+    chunk_codecs,
+    dimension_names,
+    document_digest,
+)
 from .remote import unreachable_message
 
 __all__ = ["ZarrStore", "open_store"]
@@ -83,7 +94,7 @@ class ZarrStore(ActivationStore):
     # --- integrity: chunks carry crc32c; every zarr.json is covered by a digest written at completion
     def _metadata_documents(self, info: StoreInfo) -> list[str]:
         arrays = [f"{LAYERS_GROUP}/{layer}" for layer in info.layers]
-        arrays += [k for k in (INPUTS_ARRAY, MASK_ARRAY) if self.has_array(k)]
+        arrays += [k for k in (INPUTS_ARRAY, MASK_ARRAY, SAMPLE_PATH_ARRAY, SAMPLE_CLASS_ARRAY) if self.has_array(k)]
         return ["zarr.json", f"{LAYERS_GROUP}/zarr.json", *(f"{key}/zarr.json" for key in arrays)]
 
     def _read_document(self, name: str) -> Any:
@@ -168,7 +179,9 @@ class ZarrStore(ActivationStore):
             )
         self._chunks_checked.add(key)
 
-    def create_array(self, key: str, shape: tuple[int, ...], dtype: str, chunk_samples: int) -> None:
+    def create_array(self, key: str, shape: tuple[int, ...], dtype: str, chunk_samples: int,
+                     dims: list[str] | None = None) -> None:
+        """Create (or replace) ``key``; ``dims`` are its ``dimension_names`` (default: ``format.dimension_names``)."""
         self._check_writable()
         self.__dict__.get("_writable", {}).pop(key, None)
         self.__dict__.get("_files", {}).pop(key, None)
@@ -181,7 +194,41 @@ class ZarrStore(ActivationStore):
             fill_value=0,
             overwrite=True,
             config={"write_empty_chunks": True},  # every chunk is a file, so a deleted one is detectable
+            dimension_names=list(dims) if dims is not None else dimension_names(key, tuple(shape)),
         )
+
+    def write_sample_labels(self, paths: list[str], classes: list[str]) -> None:
+        """Write the per-sample file paths and classes of an image folder (1-d string arrays).
+
+        Written by ``extract`` just before the completion marker, whose metadata digests then cover them.
+        """
+        self._check_writable()
+        if len(paths) != len(classes):
+            raise ValueError(f"{len(paths)} sample paths but {len(classes)} classes.")
+        for key, values in ((SAMPLE_PATH_ARRAY, paths), (SAMPLE_CLASS_ARRAY, classes)):
+            array = self._group.create_array(
+                key, shape=(len(values),), chunks=(max(1, min(len(values), 2**16)),), dtype=str,
+                compressors=chunk_codecs(), fill_value="", overwrite=True, dimension_names=["sample"],
+                config={"write_empty_chunks": True},
+            )
+            array[:] = np.asarray(values, dtype=object)
+
+    def sample_labels(self) -> tuple[list[str], list[str]] | None:
+        """(relative file paths, classes) of the samples of an image-folder store; None for other stores."""
+        if not (self.has_array(SAMPLE_PATH_ARRAY) and self.has_array(SAMPLE_CLASS_ARRAY)):
+            return None
+        labels = []
+        for key in (SAMPLE_PATH_ARRAY, SAMPLE_CLASS_ARRAY):
+            array = self._array(key)
+            if array.nchunks_initialized != array.nchunks or array.shape != (self.info.n_samples,):
+                raise StoreError(f"{self}: array {key!r} is incomplete or has the wrong length; re-extract the "
+                                 "store with `pipeline.py extract --force`.")
+            try:
+                labels.append([str(v) for v in array[:]])
+            except Exception as exc:
+                raise StoreError(f"{self}: array {key!r} cannot be read ({type(exc).__name__}: {exc}); re-extract "
+                                 "the store with `pipeline.py extract --force`.") from exc
+        return labels[0], labels[1]
 
     def has_array(self, key: str) -> bool:
         try:

@@ -20,11 +20,20 @@ other weights, data or layers has another key, so its old entries are never
 read; ``evict_stale`` also deletes the entries recorded for the same store
 path with an older identity.
 
-Writes are atomic in the "write, then mark complete" sense: an entry is
-created with ``complete: false``, filled, and only then marked complete
-together with the CRC-32C of its bytes. A run killed mid-write leaves an
-incomplete entry, which ``get`` treats as missing and the next ``put``
-overwrites. ``get`` re-checks that checksum (each chunk also carries its own),
+In a local folder, an entry is written aside, as a complete array with its
+attributes and the CRC-32C of its bytes, in ``.tmp/<key>.<random>`` (outside
+``entries/``, so listing the entries never sees it; removed once empty), and published by one ``os.rename`` onto
+``entries/<key>``: readers see a whole entry or none, and several runs started
+together on one cache all keep using it. A run that finds the entry published
+by another run first (the rename fails) checks it and uses it, discarding its
+own copy; an incomplete or damaged entry in the way is renamed into ``.tmp``
+first, then deleted. The cache's groups are created race-free too (their
+``zarr.json`` is hard-linked into place, so a concurrent creator loses nothing).
+On an fsspec URL, where no atomic rename exists, an entry is created with
+``complete: false``, filled, and only then marked complete together with the
+CRC-32C of its bytes. Either way, a run killed mid-write leaves at most an
+incomplete entry (or a ``.tmp`` folder), which ``get`` treats as missing and
+the next ``put`` replaces. ``get`` re-checks that checksum (each chunk also carries its own),
 so a damaged entry is recomputed, never used; entries written by older versions
 (which recorded a SHA-256 instead) are recomputed once. Works on a local
 folder or any fsspec URL (``s3://...``).
@@ -32,10 +41,14 @@ folder or any fsspec URL (``s3://...``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
+import time
+import uuid
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +66,9 @@ CACHE_NAME = ".simtorch-cache.zarr"
 ATTRS_KEY = "simtorch_cache"
 CACHE_FORMAT = 1
 ENTRIES = "entries"
+ASIDE = ".tmp"  # local caches: entries being written, and entries being replaced (outside ``entries/``)
+PUBLISH_ATTEMPTS = 5
+ABANDONED_SECONDS = 24 * 3600  # an entry written aside for longer than this belongs to a killed run
 CHUNK_BYTES = 16 * 2**20
 
 
@@ -61,7 +77,7 @@ def _digest(obj: Any) -> str:
 
 
 def _checksum(value: np.ndarray) -> int:
-    """CRC-32C of the statistic's bytes (catches a missing, truncated or swapped chunk; ~30× faster than SHA-256)."""
+    """CRC-32C of the statistic's bytes (catches a missing, truncated or swapped chunk; cheaper than SHA-256)."""
     return crc32c.crc32c(memoryview(np.ascontiguousarray(value)).cast("B"))
 
 
@@ -85,6 +101,69 @@ def _write(array, value: np.ndarray) -> None:
         array[...] = value
     elif whole < len(value):
         array[whole:] = value[whole:]
+
+
+def _array_options(value: np.ndarray) -> dict[str, Any]:
+    """How an entry's array is laid out: float64, ~16 MiB chunks of whole rows, each with its CRC-32C."""
+    from zarr.codecs import Crc32cCodec
+
+    row_bytes = max(1, int(np.prod(value.shape[1:], dtype=np.int64)) * 8)
+    rows = max(1, min(value.shape[0] if value.ndim else 1, CHUNK_BYTES // row_bytes))
+    return dict(shape=value.shape, dtype="float64", chunks=(rows, *value.shape[1:]) if value.ndim else (),
+                compressors=[Crc32cCodec()], fill_value=0.0,
+                config={"write_empty_chunks": True})  # no all-equal scan
+
+
+def _fill(array, meta: dict[str, Any], value: np.ndarray, source: str) -> None:
+    """Mark ``array`` incomplete, write ``value``, then mark it complete with the CRC-32C of its bytes."""
+    array.attrs[ATTRS_KEY] = {"complete": False, "meta": meta, "source": source}
+    _write(array, value)
+    array.attrs[ATTRS_KEY] = {"complete": True, "meta": meta, "source": source, "crc32c": _checksum(value)}
+
+
+def _valid_entry(path: Path, meta: dict[str, Any], crc: int) -> bool:
+    """Whether the local entry at ``path`` is complete, for ``meta``, records CRC-32C ``crc`` and its bytes match."""
+    import zarr
+
+    try:
+        array = zarr.open_array(str(path), mode="r", zarr_format=3)
+        attrs = dict(array.attrs.get(ATTRS_KEY, {}))
+        if not attrs.get("complete") or attrs.get("meta") != json.loads(json.dumps(meta, default=str)):
+            return False
+        return attrs.get("crc32c") == crc and _checksum(_read(array)) == crc
+    except Exception:  # gone, half-replaced or damaged: not usable
+        return False
+
+
+def _make_aside(folder: Path, name: str) -> Path:
+    """Create and return the empty directory ``folder/name`` (``folder`` is ``.tmp``, which other runs remove
+    when they find it empty: recreated and retried until ours holds it open)."""
+    for _ in range(100):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            (folder / name).mkdir()
+            return folder / name
+        except FileNotFoundError:  # ``folder`` removed by another run between the two calls
+            continue
+    raise OSError(errno.ENOENT, f"could not create {folder / name}")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when empty (so plain zarr, listing the cache group, meets ``.tmp`` only mid-write)."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another run is writing), or already gone
+        pass
+
+
+def _discard(path: Path, aside: Path) -> None:
+    """Remove the entry at ``path``: renamed into ``aside`` first (so it leaves ``entries/`` at once), then deleted."""
+    trash = _make_aside(aside, f"trash.{uuid.uuid4().hex}")
+    try:
+        os.rename(path, trash / "entry")
+    except FileNotFoundError:  # already removed (by another run)
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def store_identity(store: ActivationStore) -> str:
@@ -191,7 +270,7 @@ class StatisticsCache:
             return None
         try:
             node = group[f"{ENTRIES}/{key}"]
-        except KeyError:
+        except (KeyError, FileNotFoundError):  # absent, or being replaced by another run
             return None
         return node if hasattr(node, "shape") else None
 
@@ -245,26 +324,18 @@ class StatisticsCache:
         """Write ``value`` as the entry for (store, layer, kind, options); False when the cache is not writable."""
         if self.read_only:
             return False
-        from zarr.codecs import Crc32cCodec
-
         value = np.ascontiguousarray(value, dtype=np.float64)
         meta = self.meta(store, layer, kind, options)
         key = _digest(meta)
         self._found.pop(key, None)  # whatever ``contains`` saw is being replaced
         try:
-            group = self._open(create=True)
-            self.evict_stale(store)
-            row_bytes = max(1, int(np.prod(value.shape[1:], dtype=np.int64)) * 8)
-            rows = max(1, min(value.shape[0] if value.ndim else 1, CHUNK_BYTES // row_bytes))
-            array = group.create_array(
-                f"{ENTRIES}/{key}", shape=value.shape, dtype="float64",
-                chunks=(rows, *value.shape[1:]) if value.ndim else (), compressors=[Crc32cCodec()],
-                fill_value=0.0, overwrite=True, config={"write_empty_chunks": True},  # no all-equal scan
-            )
-            array.attrs[ATTRS_KEY] = {"complete": False, "meta": meta, "source": _store_source(store)}
-            _write(array, value)
-            array.attrs[ATTRS_KEY] = {"complete": True, "meta": meta, "source": _store_source(store),
-                                      "crc32c": _checksum(value)}
+            if self._local:
+                self._put_local(store, key, meta, value)
+            else:
+                group = self._open(create=True)
+                self.evict_stale(store)
+                array = group.create_array(f"{ENTRIES}/{key}", overwrite=True, **_array_options(value))
+                _fill(array, meta, value, _store_source(store))
         except (OSError, PermissionError) as exc:
             warnings.warn(f"Could not write to the statistics cache {self.path} ({exc}); continuing without it. "
                           "Name a writable folder with --cache, or pass --no-cache.", stacklevel=2)
@@ -273,6 +344,81 @@ class StatisticsCache:
         with self._count_lock:
             self.writes += 1
         return True
+
+    # ------------------------------------------------------------------ local folders: write aside, rename
+    @property
+    def _local(self) -> bool:
+        return "://" not in self.path
+
+    def _put_local(self, store: ActivationStore, key: str, meta: dict[str, Any], value: np.ndarray) -> None:
+        """Write the entry aside (``.tmp/<key>.<random>``), complete, then publish it with one rename."""
+        import zarr
+
+        self._create_groups()
+        self.evict_stale(store)
+        root = Path(self.path)
+        aside = _make_aside(root / ASIDE, f"{key}.{uuid.uuid4().hex}")
+        try:
+            array = zarr.create_array(str(aside), zarr_format=3, **_array_options(value))
+            _fill(array, meta, value, _store_source(store))
+            self._publish(aside, root / ENTRIES / key, meta, _checksum(value))
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)  # gone when published; ours is discarded when another won
+            _remove_if_empty(root / ASIDE)
+
+    def _create_groups(self) -> None:
+        """Create the cache group and its ``entries`` group, tolerating other runs creating them at once.
+
+        Each ``zarr.json`` is written aside by zarr, then hard-linked into place: the link either creates
+        the file whole or finds one already there (another run's, identical), never a half-written one.
+        """
+        import zarr
+
+        if self._group is not None and self._writable:
+            return
+        root = Path(self.path)
+        for folder in (root, root / ENTRIES):
+            if (folder / "zarr.json").is_file():
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            aside = _make_aside(root / ASIDE, f"group.{uuid.uuid4().hex}")
+            try:
+                zarr.open_group(str(aside), mode="w", zarr_format=3)
+                try:
+                    os.link(aside / "zarr.json", folder / "zarr.json")
+                except FileExistsError:
+                    pass
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
+        self._remove_abandoned()
+        _remove_if_empty(root / ASIDE)
+        self._open(create=True)
+
+    def _remove_abandoned(self) -> None:
+        """Delete what runs killed mid-write left in ``.tmp`` (untouched for ``ABANDONED_SECONDS``)."""
+        now = time.time()
+        for path in (Path(self.path) / ASIDE).glob("*"):
+            try:
+                if now - path.stat().st_mtime > ABANDONED_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:  # removed by another run meanwhile
+                continue
+
+    def _publish(self, aside: Path, target: Path, meta: dict[str, Any], crc: int) -> None:
+        """Rename ``aside`` onto ``target``; when ``target`` exists, use it if it is a valid entry for ``meta``
+        holding the same bytes (CRC-32C ``crc``: another run published it first), else move it out of the way
+        (renamed aside, then deleted) and retry."""
+        for _ in range(PUBLISH_ATTEMPTS):
+            try:
+                os.rename(aside, target)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            if _valid_entry(target, meta, crc):
+                return
+            _discard(target, Path(self.path) / ASIDE)
+        raise OSError(errno.EEXIST, f"could not publish the entry {target.name} (other runs kept replacing it)")
 
     # ------------------------------------------------------------------ housekeeping
     def entries(self) -> dict[str, dict[str, Any]]:
@@ -294,7 +440,11 @@ class StatisticsCache:
         current = store_identity(store)
         stale = [key for key, attrs in self.entries().items()
                  if attrs.get("source") == source and attrs.get("meta", {}).get("store_identity") != current]
-        if stale:
+        if stale and self._local:
+            for key in stale:  # renamed out of ``entries/`` first: another run may be deleting it too
+                _discard(Path(self.path) / ENTRIES / key, Path(self.path) / ASIDE)
+            _remove_if_empty(Path(self.path) / ASIDE)
+        elif stale:
             group = self._open(create=True)
             for key in stale:
                 del group[f"{ENTRIES}/{key}"]

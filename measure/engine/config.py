@@ -56,12 +56,14 @@ class EngineConfig:
     mixed_reductions : bool, default=False
         Compare a layer with the same-named layer of another store even when
         their reductions differ (with a warning); refused by default.
-    precision : {"float64", "float32"}, default="float64"
-        How Gram products are formed (``measure.functional.gram.linear_gram``):
-        float64, or float32 products of column-centred activations with the
-        offsets added back in float64 (about 2× faster on CPU). Statistics are
-        float64 either way. Measures that need the Gram's small eigenvalues
-        (Procrustes, CCA, SVCCA, linreg) refuse float32.
+    precision : {"auto", "float64", "float32"}, default="auto"
+        How Gram products are formed (``measure.functional.gram.linear_gram``, whose docstring
+        gives the error bound): float64, or float32 products of column-centred activations with
+        the offsets added back in float64 (about 2× faster on CPU). ``"auto"`` takes float32 for
+        stores written in float32 or float16 (``StoreInfo.dtype``) and float64 for float64 stores,
+        and float64 always for the measures that need the Gram's small eigenvalues (Procrustes,
+        CCA, SVCCA, linreg: ``float32_grams = False``); an explicit ``"float32"`` refuses those.
+        Statistics are float64 either way.
     """
 
     device: str | torch.device | None = None
@@ -72,7 +74,7 @@ class EngineConfig:
     cache: StatisticsCache | None = None
     reduce: Any = None
     mixed_reductions: bool = False
-    precision: str = "float64"
+    precision: str = "auto"
 
     @classmethod
     def of(cls, config: EngineConfig | None, options: dict[str, Any]) -> EngineConfig:

@@ -26,7 +26,7 @@ from extract.store.reductions import check_reductions, reduce_store
 from ..accumulators.cka import choose_route
 from ..errors import MeasureError
 from ..functional._bilinear import PreparedLayers, SharedProducts
-from ..functional.gram import PRECISIONS
+from ..functional.gram import PRECISION_CHOICES, resolve_precision
 from ..registry import get_measure
 from ..undefined import undefined_value
 from ..validation import check_min_samples
@@ -62,6 +62,22 @@ def select_layers(store: ActivationStore, patterns: Sequence[str] | None) -> lis
     return chosen
 
 
+def check_layer_patterns(stores: Sequence[ActivationStore], patterns: Sequence[str] | None) -> None:
+    """Raise when a pattern of ``patterns`` matches no layer of any store (a typo, not a choice).
+
+    A pattern may match layers of only some stores (a zoo of several architectures), but one that matches
+    nothing anywhere is refused, naming it and listing the layers that exist, as ``extract`` refuses it.
+    """
+    if not patterns:
+        return
+    unmatched = [p for p in patterns if not any(matches(p, layer) for s in stores for layer in s.layers)]
+    if unmatched:
+        existing = list(dict.fromkeys(layer for s in stores for layer in s.layers))
+        shown = ", ".join(existing[:40]) + (f", ... ({len(existing)} in all)" if len(existing) > 40 else "")
+        raise MeasureError(f"--layers pattern(s) {', '.join(map(repr, unmatched))} match no layer of any store; "
+                           f"the layers are: {shown}. Fix or drop the pattern (names or globs such as 'block*').")
+
+
 class Engine:
     """Obtains per-layer statistics of a set of stores once, then pairs them under each measure.
 
@@ -91,8 +107,9 @@ class Engine:
     def __init__(self, stores: Sequence[ActivationStore], *, config: EngineConfig | None = None,
                  **options: Any) -> None:
         config = EngineConfig.of(config, options)
-        if config.precision not in PRECISIONS:
-            raise MeasureError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}.")
+        if config.precision not in PRECISION_CHOICES:
+            raise MeasureError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got "
+                               f"{config.precision!r}.")
         if not stores:
             raise MeasureError("No stores to measure; pass at least one store.")
         self.config = config
@@ -101,6 +118,7 @@ class Engine:
             check_comparable(self.stores[0], other)
         self.stores[0].require_complete()
         self.device = default_device(config.device)
+        check_layer_patterns(self.stores, config.layers)
         self.layers = [select_layers(s, config.layers) for s in self.stores]
         self.mixed_reductions = check_reductions(self.stores, self.layers, allow_mixed=config.mixed_reductions)
         for message in self.mixed_reductions:
@@ -110,7 +128,8 @@ class Engine:
                                                 memory_budget=config.memory_budget, precision=config.precision,
                                                 cache=config.cache, progress=self._progress)
 
-    precision = property(lambda self: self.config.precision, doc="How Gram products are formed.")
+    precision = property(lambda self: self.config.precision,
+                         doc='How Gram products are formed: "auto", "float64" or "float32" (``gram_precision``).')
     memory_budget = property(lambda self: self.config.memory_budget, doc="Bytes of features held at once.")
     undefined = property(lambda self: self.config.undefined, doc='"raise" or "nan" for undefined values.')
     cache = property(lambda self: self.config.cache, doc="The persistent StatisticsCache, or None.")
@@ -121,18 +140,33 @@ class Engine:
         return self.layer_statistics.computed
 
     # ------------------------------------------------------------------ statistics
-    def gram(self, s: int, layer: str) -> torch.Tensor:
-        """The Gram K = X Xᵀ of ``layer`` of store ``s``."""
-        return self.layer_statistics.get(self.layer_statistics.key("gram", s, layer))
+    def gram(self, s: int, layer: str, spec: Any = None) -> torch.Tensor:
+        """The Gram K = X Xᵀ of ``layer`` of store ``s``, in the precision ``spec`` gets (``gram_precision``)."""
+        return self.layer_statistics.get(self.layer_statistics.key("gram", s, layer,
+                                                                   precision=self.gram_precision(spec, s)))
 
-    def _gram_keys(self, stores: Iterable[int]) -> list[Any]:
-        return [self.layer_statistics.key("gram", s, layer) for s in stores for layer in self.layers[s]]
+    def gram_precision(self, spec: Any, s: int) -> str:
+        """The precision of the Grams of store ``s`` for measure ``spec`` (None: a kernel measure).
+
+        The engine's ``precision``, where ``"auto"`` is float32 for a store written in float32 or
+        float16 and float64 otherwise, and float64 for measures that need it (``float32_grams``).
+        """
+        float32_grams = True if spec is None else bool(spec.float32_grams)
+        return resolve_precision(self.precision, self.stores[s].info.dtype, float32_grams)
+
+    def gram_keys(self, stores: Iterable[int], spec: Any = None) -> list[Any]:
+        """The keys of the Grams of every selected layer of ``stores``, for measure ``spec``."""
+        return [self.layer_statistics.key("gram", s, layer, precision=self.gram_precision(spec, s))
+                for s in stores for layer in self.layers[s]]
 
     def statistic(self, spec: Any, s: int, layer: str, options: dict[str, Any]) -> Any:
         """The per-layer statistic ``spec`` needs (Gram, per-batch Grams or features) of ``layer`` of store ``s``."""
         stats = self.layer_statistics
         if spec.statistic == "gram_blocks":
-            return stats.get(stats.key("gram_blocks", s, layer, batch_size=options["batch_size"]))
+            return stats.get(stats.key("gram_blocks", s, layer, batch_size=options["batch_size"],
+                                       precision=self.gram_precision(spec, s)))
+        if spec.statistic == "gram":
+            return stats.get(stats.key("gram", s, layer, precision=self.gram_precision(spec, s)))
         return stats.get(stats.key(spec.statistic, s, layer))
 
     def confounder(self) -> torch.Tensor:
@@ -146,11 +180,13 @@ class Engine:
         return self.layer_statistics.get(self.layer_statistics.key("confounder", holder))
 
     def check_precision(self, spec: Any) -> None:
-        """Refuse a measure that needs float64 Grams when Grams are formed in float32."""
-        if self.precision != "float64" and spec.statistic != "features" and not spec.float32_grams:
+        """Refuse a measure that needs float64 Grams when float32 Grams were asked for explicitly
+        (``"auto"`` gives such measures float64 Grams)."""
+        if self.precision == "float32" and spec.statistic != "features" and not spec.float32_grams:
             raise MeasureError(
                 f"{spec.name} needs float64 Gram products: it uses the Gram's small eigenvalues, which "
-                f"precision={self.precision!r} does not resolve. Measure it with --precision float64."
+                f"precision={self.precision!r} does not resolve. Measure it with --precision float64 "
+                "(or auto, the default)."
             )
 
     # ------------------------------------------------------------------ prepared layers
@@ -177,14 +213,14 @@ class Engine:
         measure is bilinear (``Prepared`` items): every pair of these stores is then a slice of it.
 
         ``release``: forget each store's cached Grams once it is prepared (``LayerStatistics.release``),
-        so the Grams of a zoo are not all held at once (warm zoo of 9: peak RSS 997 → 694 MiB).
+        so the Grams of a zoo are not all held at once.
         """
         out: dict[int, list[Any]] = {}
         group: SharedProducts | None = None
         total = sum(len(self.layers[s]) for s in stores)
         for s in stores:
             if spec.statistic == "gram":  # this store's Grams (the cached ones are loaded now, together)
-                self.layer_statistics.prefetch(self._gram_keys([s]))
+                self.layer_statistics.prefetch(self.gram_keys([s], spec))
             layers = self.prepared(spec, options, s, out=group.block(len(self.layers[s])) if group else None)
             if release:
                 self.layer_statistics.release("gram", s)
@@ -243,7 +279,7 @@ class Engine:
             if spec.statistic == "gram":  # every missing Gram, computed in the order used (read ahead); the
                 # cached ones are loaded store by store as they are prepared, and after the last measure
                 # that needs them released again, so a zoo's Grams are never all held at once
-                self.layer_statistics.prefetch(self._gram_keys(kernel_stores), load=False)
+                self.layer_statistics.prefetch(self.gram_keys(kernel_stores, spec), load=False)
             prepared = self.prepare_together(spec, options, kernel_stores, release=release and index == last_gram)
             results += [self._pair(spec, options, prepared, i, j) for i, j in pairs]
             del prepared

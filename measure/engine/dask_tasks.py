@@ -81,11 +81,13 @@ def compute_grams(engine: Engine, measures: Sequence[tuple[str, dict[str, Any]]]
         if getattr(store, "path", None) is None:
             raise MeasureError(f"{store} has no path; dask workers can only open stores on disk or at a URL.")
     stats = engine.layer_statistics
-    todo = stats.missing(stats.key("gram", s, layer) for s in range(len(engine.stores)) for layer in engine.layers[s])
+    todo = stats.missing(key for name, options in measures if _uses_grams(engine, name, options)
+                         for key in engine.gram_keys(range(len(engine.stores)), get_measure(name)))
     if not todo:
         return 0
     args = [(str(engine.stores[key.store].path), key.layer, storage_options, budget, device,
-             engine.stores[key.store].info.reductions.get(key.layer), engine.precision) for key in todo]
+             engine.stores[key.store].info.reductions.get(key.layer), dict(key.options)["precision"])
+            for key in todo]
     if client is not None:
         futures = [client.submit(_gram_task, *a, pure=False) for a in args]
         grams = client.gather(futures)

@@ -37,6 +37,7 @@ import torch
 from extract.store import ActivationStore
 
 from ..functional.dcka import confounder_gram
+from ..functional.gram import resolve_precision
 from .cache import StatisticsCache
 from .streaming import layer_features, layer_gram_blocks, layer_grams, layer_moments
 
@@ -110,8 +111,10 @@ class LayerStatistics:
     device : torch.device
     memory_budget : int
         Bytes of float64 features held at once while building a Gram.
-    precision : {"float64", "float32"}
-        How Gram products are formed (``measure.engine.streaming.layer_gram``).
+    precision : {"auto", "float64", "float32"}
+        How Gram products are formed (``measure.engine.streaming.layer_gram``) when a key does not
+        say: ``"auto"`` resolves per store (``measure.functional.gram.resolve_precision``). A Gram
+        key always carries its resolved precision, so Grams of both precisions can be held at once.
     cache : StatisticsCache, optional
     progress : callable(str), optional
         Called after each announced computation.
@@ -120,6 +123,12 @@ class LayerStatistics:
     ----------
     computed : int
         Statistics computed (here or by dask tasks), not loaded: the work the cache did not save.
+    reused : int
+        Distinct counted statistics loaded from the persistent cache (a reload after ``release`` is not
+        counted again): the work the cache saved.
+    inputs : dict
+        ``{"computed": int, "reused": int}`` for the statistics of kinds that are not counted (dCKA's
+        Gram of the stored inputs), kept apart so that ``computed`` and ``reused`` count layers only.
     """
 
     def __init__(self, stores: Sequence[ActivationStore], layers: Sequence[Sequence[str]], *,
@@ -133,12 +142,18 @@ class LayerStatistics:
         self.cache = cache
         self._progress = progress or (lambda message: None)
         self.computed = 0
+        self.reused = 0
+        self.inputs = {"computed": 0, "reused": 0}
+        self._loaded: set[StatisticKey] = set()  # keys loaded from the cache at least once (``reused``)
         self._held: dict[StatisticKey, Any] = {}
         self._reloadable: set[StatisticKey] = set()  # held statistics the persistent cache holds too
 
     # ------------------------------------------------------------------ asking
     def key(self, kind: str, store: int | tuple[int, int], layer: str | None = None, **options: Any) -> StatisticKey:
-        """The key of a statistic (see ``StatisticKey``)."""
+        """The key of a statistic (see ``StatisticKey``); a Gram's carries its resolved ``precision``."""
+        if KINDS.get(kind) is not None and KINDS[kind].precision_keyed:
+            options["precision"] = resolve_precision(options.get("precision", self.precision),
+                                                     self.stores[store].info.dtype)
         return StatisticKey.of(kind, store, layer, **options)
 
     def get(self, key: StatisticKey) -> Any:
@@ -181,11 +196,6 @@ class LayerStatistics:
         """The keys of the statistics in memory (of ``kind``, or all)."""
         return [key for key in self._held if kind is None or key.kind == kind]
 
-    @property
-    def gram_options(self) -> dict[str, Any] | None:
-        """The options that change a Gram, as keyed in the persistent cache (float64 Grams have none)."""
-        return {"precision": self.precision} if self.precision != "float64" else None
-
     # ------------------------------------------------------------------ the one path
     def _obtain(self, keys: Iterable[StatisticKey], *, load: bool = True, compute: bool = True,
                 keep: bool = False) -> tuple[dict[StatisticKey, Any], list[StatisticKey]]:
@@ -206,6 +216,7 @@ class LayerStatistics:
                 self._reloadable.add(key)
             if load:
                 got[key] = self._hold(key, self._from_array(key, hit))
+                self._count_reused(key)
         if not compute:
             return got, missing
         with ThreadPoolExecutor(max_workers=1) as writer:  # cache writes overlap the next statistic's computation
@@ -243,12 +254,11 @@ class LayerStatistics:
 
     def _compute(self, keys: list[StatisticKey]) -> Iterator[tuple[StatisticKey, Any]]:
         """(key, value) for each of ``keys`` in order; consecutive Grams read ahead (``layer_grams``)."""
-        for kind, group in itertools.groupby(keys, key=lambda k: k.kind):
+        for (kind, precision), group in itertools.groupby(keys, key=lambda k: (k.kind, _precision(k))):
             group = list(group)
             if kind == "gram":
                 jobs = [(self._store(k), k.layer) for k in group]
-                yield from zip(group, layer_grams(jobs, self.device, self.memory_budget, self.precision),
-                               strict=True)
+                yield from zip(group, layer_grams(jobs, self.device, self.memory_budget, precision), strict=True)
             else:
                 for key in group:
                     yield key, self._compute_one(key)
@@ -256,7 +266,7 @@ class LayerStatistics:
     def _compute_one(self, key: StatisticKey) -> Any:
         if key.kind == "gram_blocks":
             batch_size = dict(key.options)["batch_size"]
-            return layer_gram_blocks(self._store(key), key.layer, batch_size, self.device, self.precision)
+            return layer_gram_blocks(self._store(key), key.layer, batch_size, self.device, _precision(key))
         if key.kind == "confounder":
             return confounder_gram(layer_features(self._store(key), None, self.device))
         if key.kind == "features":
@@ -277,8 +287,11 @@ class LayerStatistics:
         return f"{self._store(key).name}/{key.layer}"
 
     def _cache_options(self, key: StatisticKey) -> dict[str, Any] | None:
-        """The options keyed in the persistent cache: the statistic's own, then the Gram precision."""
-        options = {**dict(key.options), **((self.gram_options or {}) if KINDS[key.kind].precision_keyed else {})}
+        """The options keyed in the persistent cache: the statistic's own, then the Gram precision
+        (float64 Grams are keyed without one)."""
+        options = {k: v for k, v in key.options if k != "precision"}
+        if KINDS[key.kind].precision_keyed and _precision(key) != "float64":
+            options["precision"] = _precision(key)
         return options or None
 
     def _hold(self, key: StatisticKey, value: Any) -> Any:
@@ -287,7 +300,19 @@ class LayerStatistics:
         return value
 
     def _count(self, key: StatisticKey) -> None:
-        self.computed += int(KINDS[key.kind].counted)
+        if KINDS[key.kind].counted:
+            self.computed += 1
+        else:
+            self.inputs["computed"] += 1
+
+    def _count_reused(self, key: StatisticKey) -> None:
+        if key in self._loaded:
+            return
+        self._loaded.add(key)
+        if KINDS[key.kind].counted:
+            self.reused += 1
+        else:
+            self.inputs["reused"] += 1
 
     def _write(self, key: StatisticKey, array: np.ndarray) -> bool:
         return self.cache.put(self._store(key), key.layer, array, key.kind, self._cache_options(key))
@@ -299,3 +324,8 @@ class LayerStatistics:
     def _from_array(self, key: StatisticKey, array: np.ndarray) -> Any:
         value = torch.from_numpy(array).to(self.device)
         return list(value) if KINDS[key.kind].stacked else value
+
+
+def _precision(key: StatisticKey) -> str:
+    """The Gram precision a key carries ("float64" for kinds that have none)."""
+    return dict(key.options).get("precision", "float64")

@@ -89,12 +89,14 @@ def _cka_minibatch_prepare(blocks: Sequence[torch.Tensor]) -> Prepared:
     return normalized(v, w, scale, "summed unbiased HSIC(K, K)", zero_reason=_SINGLE_SAMPLE)
 
 
-def batch_grams(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def batch_grams(x: torch.Tensor, batch_size: int, precision: str = "float64") -> list[torch.Tensor]:
     """Gram matrices of consecutive batches of ``batch_size`` rows; a final partial batch is dropped.
+
+    ``precision`` as in ``linear_gram`` (float32: each batch shifted by its own column means).
 
     >>> x = torch.arange(10.0, dtype=torch.float64).reshape(5, 2)
     >>> [tuple(g.shape) for g in batch_grams(x, 2)]
     [(2, 2), (2, 2)]
     """
     n_batches = len(x) // batch_size
-    return [linear_gram(x[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
+    return [linear_gram(x[i * batch_size:(i + 1) * batch_size], precision) for i in range(n_batches)]

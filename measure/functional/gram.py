@@ -17,6 +17,7 @@ from ..validation import check_min_samples
 
 __all__ = [
     "PRECISIONS",
+    "PRECISION_CHOICES",
     "center_gram",
     "column_means",
     "cross_gram",
@@ -30,11 +31,30 @@ __all__ = [
 
 SYMMETRIC_BLOCK_ROWS = 256  # see _row_blocks
 FLOAT32_FEATURE_BLOCK = 4096
-PRECISIONS = ("float64", "float32")
+PRECISIONS = ("float64", "float32")  # how a Gram is formed
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # what a user may ask for
+FLOAT32_DATA = ("float32", "float16", "bfloat16")  # data dtypes the float32 scheme fits under "auto"
+
+
+def resolve_precision(precision: str, data_dtype: str | torch.dtype, float32_grams: bool = True) -> str:
+    """The Gram precision ("float64" or "float32") for data of ``data_dtype`` asked as ``precision``.
+
+    ``"auto"`` is ``"float32"`` (the compensated scheme of ``linear_gram``) for data held in float32,
+    float16 or bfloat16, whose own rounding (u = 2⁻²⁴ or coarser) is already of the order of the
+    scheme's error, and ``"float64"`` for float64 or integer data, and always for measures that need
+    float64 Grams (``float32_grams=False``: they use the Gram's small eigenvalues). An explicit
+    ``"float64"`` or ``"float32"`` is returned as given (the engine refuses float32 for those measures).
+    """
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}.")
+    if precision != "auto":
+        return precision
+    name = str(data_dtype).removeprefix("torch.")
+    return "float32" if float32_grams and name in FLOAT32_DATA else "float64"
 
 
 def _row_blocks(n: int) -> int:
-    """Rows per block of the symmetric product: 256, or 128 when n ≤ 512 (measured fastest here)."""
+    """Rows per block of the symmetric product: 256, or 128 when n ≤ 512 (see ``benchmarks/bench_measure.py``)."""
     return SYMMETRIC_BLOCK_ROWS if n > 2 * SYMMETRIC_BLOCK_ROWS else SYMMETRIC_BLOCK_ROWS // 2
 
 
@@ -46,10 +66,11 @@ def _symmetric_product(x: torch.Tensor, out: torch.Tensor | None = None) -> torc
     a ≤ b are multiplied (about half the flops for large n), the others are
     their transposes. The result is exactly symmetric.
 
-    With ``out`` (the float64 sum of the float32 scheme) the diagonal and upper
-    blocks are added into ``out`` and the lower ones left alone: the caller
-    mirrors them once at the end (``_mirror_upper``), so no second n × n matrix
-    is held and the strided transposed writes happen once, not per call.
+    With ``out`` (the float64 sum of the float32 scheme) the upper row blocks,
+    diagonal blocks whole, are added into ``out`` and the lower ones left alone:
+    the caller mirrors the upper triangle once at the end (``_mirror_upper``), so
+    no second n × n matrix is held and the transposed writes happen once, not per
+    call. The result is the same, bit for bit, as symmetrising every call.
     """
     n = len(x)
     rows = _row_blocks(n)
@@ -61,31 +82,32 @@ def _symmetric_product(x: torch.Tensor, out: torch.Tensor | None = None) -> torc
     for a0 in range(0, n, rows):
         a1 = min(n, a0 + rows)
         upper = x[a0:a1] @ x[a0:].T  # K[a, b] for every b ≥ a, in one product
+        if accumulate:  # the whole diagonal block: its upper triangle is mirrored once, by _mirror_upper
+            out[a0:a1, a0:] += upper
+            continue
         diagonal = upper[:, : a1 - a0]
-        diagonal = torch.triu(diagonal) + torch.triu(diagonal, 1).T
-        if accumulate:
-            out[a0:a1, a0:a1] += diagonal
-            out[a0:a1, a1:] += upper[:, a1 - a0:]
-        else:
-            out[a0:a1, a0:a1] = diagonal
-            out[a0:a1, a1:] = upper[:, a1 - a0:]
-            out[a1:, a0:a1] = upper[:, a1 - a0:].T
+        out[a0:a1, a0:a1] = torch.triu(diagonal) + torch.triu(diagonal, 1).T
+        out[a0:a1, a1:] = upper[:, a1 - a0:]
+        out[a1:, a0:a1] = upper[:, a1 - a0:].T
     return out
 
 
 def _mirror_upper(gram: torch.Tensor) -> torch.Tensor:
-    """Copy the upper blocks that ``_symmetric_product(x, out=gram)`` filled onto the lower ones."""
+    """Copy the upper triangle that ``_symmetric_product(x, out=gram)`` summed onto the lower one:
+    the upper blocks onto the lower blocks, and within each diagonal block its upper triangle."""
     n = len(gram)
     rows = _row_blocks(n)
     if n > rows:
         for a0 in range(0, n, rows):
             a1 = min(n, a0 + rows)
+            diagonal = gram[a0:a1, a0:a1]
+            gram[a0:a1, a0:a1] = torch.triu(diagonal) + torch.triu(diagonal, 1).T
             gram[a1:, a0:a1] = gram[a0:a1, a1:].T
     return gram
 
 
 def _float64_matvec(x: torch.Tensor, v: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """X v in float64 for float32 X, converting 128 rows at a time (the copy stays in cache: ~10x faster)."""
+    """X v in float64 for float32 X, converting 128 rows at a time (so the converted copy stays in the CPU cache)."""
     return torch.cat([x[i:i + rows].to(torch.float64) @ v for i in range(0, len(x), rows)])
 
 
@@ -206,16 +228,44 @@ def _check_precision(precision: str) -> None:
 
 
 def linear_gram(x: torch.Tensor, precision: str = "float64", shift: torch.Tensor | None = None) -> torch.Tensor:
-    """K = X Xᵀ for X of shape (n_samples, n_features), returned in float64.
+    r"""K = X Xᵀ for X of shape (n_samples, n_features), returned in float64.
 
-    ``precision="float64"`` (the default) multiplies in float64.
-    ``precision="float32"`` multiplies the column-centred X in float32 and adds
-    the exact float64 offsets back (``_shifted_float32_gram``): about twice as
-    fast on CPUs and far more on most GPUs. On activations stored in float32 its
-    error in linear CKA is below the difference between running the model in
-    float32 and in float64 (README, "Precision"), but it does not resolve the
-    Gram's small eigenvalues, so the spectral measures refuse it. ``shift``
-    (float32 only) replaces the column means as the shift.
+    ``precision="float64"`` (the default here) multiplies in float64.
+    ``precision="float32"`` multiplies the shifted X' = X − 1cᵀ in float32 (c the column means,
+    rounded to float32) over blocks of B = 4096 features, sums the block products in float64 and
+    adds the exact offsets back in float64 (``_shifted_float32_product``): about twice as fast on
+    CPUs and far more on most GPUs. ``shift`` (float32 only) replaces the column means as c.
+    ``resolve_precision`` chooses between the two for ``precision="auto"``, the default of the
+    engine, ``compare`` and ``CKA``: float32 for float32/float16 data, float64 otherwise.
+
+    Error bound. Let u = 2⁻²⁴, H = I − 11ᵀ/n, X̃ = X − 1cᵀ and B' = min(B, n_features).
+    Rounding X̃ to float32 changes each entry by at most u|X̃ᵢₖ|, and a float32 dot product of
+    B' terms errs by at most γ_B' = B'u / (1 − B'u) times Σₖ|aₖbₖ| (Higham, *Accuracy and Stability
+    of Numerical Algorithms*, 2002, §3.1); the float64 sums and offsets add O(2⁻⁵³). The offset terms
+    r1ᵀ, 1rᵀ and cᵀc are removed exactly by centring, so the centred Gram K̃ = HKH every kernel
+    measure uses satisfies, to first order in u,
+
+    .. math::
+
+        \frac{\lVert \Delta \tilde K \rVert_F}{\lVert \tilde K \rVert_F}
+        \le \varepsilon_K = (B' + 2)\,u\,\frac{\operatorname{tr} \tilde K}{\lVert \tilde K \rVert_F}
+        \le (B' + 2)\,u\,\sqrt{\operatorname{rank} \tilde K},
+
+    independent of the mean of X (which is why the shift is taken) and of the column scales. For
+    linear CKA, CKA(K, L) = ⟨K̃, L̃⟩ / (‖K̃‖_F ‖L̃‖_F), the first-order change is
+    ⟨ΔK̃/‖K̃‖_F, L̂ − CKA·K̂⟩ with K̂, L̂ the normalised Grams, hence
+
+    .. math::
+
+        |\Delta \mathrm{CKA}| \le \sqrt{1 - \mathrm{CKA}^2}\,(\varepsilon_K + \varepsilon_L).
+
+    This worst case assumes every rounding error has the same sign; with independent rounding
+    errors the factor B' + 2 becomes O(√B') (Higham & Mary, SIAM J. Sci. Comput. 41, 2019), and
+    blocked, fused-multiply-add BLAS kernels stay below that. The float32 rounding of the data
+    itself (float32 activations, or the model run in float32) already perturbs K̃ by
+    ≈ 2u·tr K̃ / ‖K̃‖_F relative, so the scheme adds an error of the order of the data's own. It
+    does not resolve the Gram's small eigenvalues (errors of ε_K‖K̃‖_F in absolute terms), so the
+    measures that whiten or take square roots of the Gram (``float32_grams = False``) use float64.
     """
     _check_precision(precision)
     x = x.reshape(len(x), -1)

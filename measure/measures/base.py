@@ -183,14 +183,16 @@ def _batch_size(options: Mapping[str, Any], n: int) -> int:
     return b
 
 
-def statistic_of(spec: type[Measure], x: torch.Tensor, options: Mapping[str, Any]) -> Any:
-    """The per-layer statistic ``spec`` needs, from the full (n_samples, n_features) float64 matrix."""
+def statistic_of(spec: type[Measure], x: torch.Tensor, options: Mapping[str, Any],
+                 precision: str = "float64") -> Any:
+    """The per-layer statistic ``spec`` needs, from the full (n_samples, n_features) matrix
+    (float64, or float32 with ``precision="float32"``: Grams by ``linear_gram``'s float32 scheme)."""
     if spec.statistic == "gram":
-        return linear_gram(x)
+        return linear_gram(x, precision)
     if spec.statistic == "gram_blocks":
         b = _batch_size(options, len(x))
         if len(x) % b:
             warnings.warn(f"{spec.name}: the last {len(x) % b} of {len(x)} samples do not fill a batch of "
                           f"{b} and are left out (equal-size batches).", stacklevel=3)
-        return batch_grams(x, b)
+        return batch_grams(x, b, precision)
     return x

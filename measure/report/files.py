@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from .heatmaps import heatmap_png
 if TYPE_CHECKING:
     from ..engine.results import PairResult
 
-__all__ = ["atomic_write_bytes", "matrix_csv", "read_matrix_csv", "write_results"]
+__all__ = ["atomic_write_bytes", "check_file_names", "file_names", "matrix_csv", "read_matrix_csv", "write_results"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,6 +47,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def file_names(names: Sequence[str]) -> dict[str, str]:
+    """Store name -> the distinct, stable file-name part of its results.
+
+    A name is sanitised to ``[A-Za-z0-9_.-]`` (other runs of characters become ``_``). When
+    sanitised names clash (``m a``, ``m_a`` and ``m/a`` all give ``m_a``; names that differ only
+    in case clash too, as on case-insensitive file systems), each clashing name gets the first
+    8 hex digits of the SHA-256 of its raw name appended (``m_a-1b2c3d4e``), except the one name
+    that was already safe, which keeps its plain name. The same names always give the same files.
+    """
+    safe = {name: _safe(name) for name in dict.fromkeys(names)}
+    groups: dict[str, list[str]] = {}
+    for name, cleaned in safe.items():
+        groups.setdefault(cleaned.casefold(), []).append(name)
+    out = dict(safe)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        plain = [n for n in members if safe[n] == n]
+        for name in members:
+            if not (len(plain) == 1 and name == plain[0]):
+                out[name] = f"{safe[name]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return out
+
+
+def check_file_names(names: Sequence[str]) -> dict[str, str]:
+    """``file_names(names)``, after checking that every ordered pair of stores gets its own file stem.
+
+    Raises ValueError naming the two pairs when ``A__B`` stems would still coincide (store names that
+    themselves contain ``__``, such as ``a__b`` with ``c`` and ``a`` with ``b__c``): call it before computing.
+    """
+    names = list(dict.fromkeys(names))
+    fn = file_names(names)
+    seen: dict[str, tuple[str, str]] = {}
+    for a in names:
+        for b in names:
+            stem = f"{fn[a]}__{fn[b]}".casefold()
+            other = seen.setdefault(stem, (a, b))
+            if other != (a, b):
+                raise ValueError(f"The results of stores {other[0]!r} × {other[1]!r} and {a!r} × {b!r} would share "
+                                 f"the file {fn[a]}__{fn[b]}; re-extract with --name values without '__'.")
+    return fn
 
 
 def matrix_csv(result: PairResult) -> bytes:
@@ -74,7 +118,8 @@ def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dic
     from extract import __version__
 
     out = Path(out)
-    entries = [_write_result(r, out, plots) for r in results]
+    names = check_file_names([*stores, *(n for r in results for n in (r.store_a, r.store_b))])
+    entries = [_write_result(r, out, plots, names) for r in results]
     manifest = {
         "simtorch": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
         "stores": stores, "results": entries, **(extra or {}),
@@ -84,9 +129,12 @@ def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dic
     return path
 
 
-def _write_result(r: PairResult, out: Path, plots: bool) -> dict[str, Any]:
-    """Write the files of one result (CSV, PNG, inference CSVs); returns its manifest entry."""
-    stem = f"{_safe(r.measure)}/{_safe(r.store_a)}__{_safe(r.store_b)}"
+def _write_result(r: PairResult, out: Path, plots: bool, names: dict[str, str]) -> dict[str, Any]:
+    """Write the files of one result (CSV, PNG, inference CSVs); returns its manifest entry.
+
+    ``names`` maps each store name to its file-name part (``file_names``).
+    """
+    stem = f"{_safe(r.measure)}/{names[r.store_a]}__{names[r.store_b]}"
     csv_path = out / f"{stem}.csv"
     atomic_write_bytes(csv_path, matrix_csv(r))
     entry: dict[str, Any] = {

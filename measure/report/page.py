@@ -4,6 +4,10 @@ The page needs nothing but itself (no scripts, no network): heatmaps are
 embedded as base64 PNG (the PNGs ``write_results`` wrote, or rendered here when
 plots were skipped) and the diagonal plots are inline SVG. It shows
 
+- for three or more stores (a zoo), first an overview: a table of contents
+  and, per measure, one model × model matrix of the mean of each pair's
+  layer × layer matrix (NaN ignored), drawn as a coloured table with the
+  values printed, each cell a link to that pair's heatmap below;
 - the run: date, device, simtorch version, the measures with their options
   and the command-line options (layers, reductions...);
 - the stores: path, samples, fingerprint, weights digest, layers and the
@@ -52,7 +56,16 @@ th{background:#f4f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure img{display:block;max-width:560px;height:auto}figcaption{font-size:.8rem;color:#555;margin-top:.2rem}
 .ok{color:#11772d}.miss{color:#b3261e}code{background:#f4f4f6;padding:0 .2rem;border-radius:3px}
 .muted{color:#666;font-size:.85rem}nav a{margin-right:.8rem}
+.scroll{overflow-x:auto;max-width:100%}td code{word-break:break-all}
+figure.diagonal svg{max-width:100%;height:auto}
+nav.toc ul{margin:.2rem 0;padding-left:1.2rem}nav.toc li{margin:.1rem 0}nav.toc a{margin-right:0}
+table.zoo td.cell{text-align:center;padding:0;min-width:3.6rem}
+table.zoo td.cell a{display:block;padding:.35rem .4rem;text-decoration:none;font-variant-numeric:tabular-nums}
+table.zoo td.cell a:hover{outline:2px solid #1d1d1f;outline-offset:-2px}
+table.zoo th.model{max-width:12rem;overflow-wrap:anywhere;vertical-align:middle}
 """
+
+OVERVIEW_MIN_STORES = 3
 
 
 def _e(value: Any) -> str:
@@ -149,17 +162,22 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
     measures: dict[str, list[int]] = {}
     for i, r in enumerate(results):
         measures.setdefault(r.measure, []).append(i)
-    parts = _head(title, device, len(results), len(stores), measures)
+    names = list(dict.fromkeys([*stores, *(n for r in results for n in (r.store_a, r.store_b))]))
+    zoo = len(names) >= OVERVIEW_MIN_STORES
+    parts = _head(title, device, len(results), len(stores), measures, toc=zoo)
+    if zoo:
+        parts += _overview(results, measures, names)
     parts += _run_tables(results, measures, options)
-    parts += ["<h2>Stores</h2>", _stores_table(stores)]
+    parts += ['<h2 id="stores">Stores</h2>', '<div class="scroll">' + _stores_table(stores) + "</div>"]
     for m, idx in measures.items():
-        parts += _measure_section(m, [results[i] for i in idx], [pngs.get(i) for i in idx])
+        parts += _measure_section(m, [results[i] for i in idx], [pngs.get(i) for i in idx], idx)
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _head(title: str, device: str, n_results: int, n_stores: int, measures: Mapping[str, list[int]]) -> list[str]:
-    """The document head, the title, the run line and the navigation to each measure."""
+def _head(title: str, device: str, n_results: int, n_stores: int, measures: Mapping[str, list[int]], *,
+          toc: bool = False) -> list[str]:
+    """The document head, the title, the run line and the navigation (a table of contents for a zoo)."""
     from extract import __version__
 
     return [
@@ -169,14 +187,91 @@ def _head(title: str, device: str, n_results: int, n_stores: int, measures: Mapp
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">simtorch {_e(__version__)} · {_e(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} · device '
         f"{_e(device or '?')} · {n_results} result(s) · {n_stores} store(s)</p>",
+        _toc(measures) if toc else
         "<nav>" + "".join(f'<a href="#m-{_e(m)}">{_e(m)}</a>' for m in measures) + "</nav>",
     ]
+
+
+def _toc(measures: Mapping[str, list[int]]) -> str:
+    """The table of contents of a zoo's report: the overview (one matrix per measure), run, stores, measures."""
+    overview = "".join(f'<li><a href="#o-{_e(m)}">{_e(m)}</a></li>' for m in measures)
+    sections = "".join(f'<li><a href="#m-{_e(m)}">{_e(m)}</a></li>' for m in measures)
+    return ('<nav class="toc" id="contents"><b>Contents</b><ul>'
+            f'<li><a href="#overview">Overview: model × model</a><ul>{overview}</ul></li>'
+            '<li><a href="#run">Run</a></li><li><a href="#stores">Stores</a></li>'
+            f"<li>Layer × layer, per measure<ul>{sections}</ul></li></ul></nav>")
+
+
+def _pair_id(index: int) -> str:
+    """The element id of result ``index``'s heatmap (ids from indices: any store name is safe)."""
+    return f"r{index}"
+
+
+def _cell_colours(value: float, lo: float, hi: float) -> tuple[str, str]:
+    """(background, text) colours of an overview cell: viridis over [lo, hi], dark text on light cells."""
+    from matplotlib import colormaps
+
+    if not np.isfinite(value):
+        return "#eeeeee", "#1d1d1f"
+    t = 0.5 if hi <= lo else float(np.clip((value - lo) / (hi - lo), 0.0, 1.0))
+    r, g, b, _ = colormaps["viridis"](t)
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}", "#1d1d1f" if luminance > 0.45 else "#ffffff"
+
+
+def _overview(results: Sequence[PairResult], measures: Mapping[str, list[int]], names: Sequence[str]) -> list[str]:
+    """Per measure, the model × model matrix of the mean of each pair's layer × layer matrix (NaN ignored).
+
+    Each cell links to its pair's heatmap; a symmetric measure's pair (a, b) fills both (a, b) and (b, a).
+    Colours span the measure's value range when finite, else the values shown.
+    """
+    parts = ['<h2 id="overview">Overview: model × model</h2>',
+             '<p class="muted">Each cell: the mean over all layer pairs of that pair\'s layer × layer matrix '
+             "(rows: the first model). Click a cell for its layer-by-layer heatmap below.</p>"]
+    position = {name: k for k, name in enumerate(names)}
+    for m, idx in measures.items():
+        values = np.full((len(names), len(names)), np.nan)
+        target: dict[tuple[int, int], int] = {}
+        for i in idx:
+            r = results[i]
+            a, b = position[r.store_a], position[r.store_b]
+            with np.errstate(all="ignore"):
+                finite = np.isfinite(r.matrix)
+                mean = float(r.matrix[finite].mean()) if finite.any() else np.nan
+            values[a, b] = mean
+            target[a, b] = i
+            if r.spec.symmetric and (b, a) not in target:
+                values[b, a] = mean
+                target[b, a] = i
+        spec = results[idx[0]].spec
+        lo, hi = spec.value_range
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            shown = values[np.isfinite(values)]
+            lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
+        head = "".join(f'<th class="model">{_e(n)}</th>' for n in names)
+        rows = []
+        for a, name in enumerate(names):
+            cells = []
+            for b in range(len(names)):
+                if (a, b) not in target:
+                    cells.append('<td class="cell">—</td>')
+                    continue
+                background, colour = _cell_colours(values[a, b], lo, hi)
+                text = f"{values[a, b]:.3f}" if np.isfinite(values[a, b]) else "NaN"
+                cells.append(f'<td class="cell" style="background:{background}"><a href="#{_pair_id(target[a, b])}" '
+                             f'style="color:{colour}" title="{_e(m)}: {_e(name)} vs {_e(names[b])}">{text}</a></td>')
+            rows.append(f'<tr><th class="model">{_e(name)}</th>{"".join(cells)}</tr>')
+        parts.append(f'<h3 id="o-{_e(m)}">{_e(m)} <span class="muted">({_e(spec.kind)}, mean of the layer × layer '
+                     f"matrix; colour from {lo:g}, dark, to {hi:g}, light)</span></h3>"
+                     f'<div class="scroll"><table class="zoo"><tr><th></th>{head}</tr>'
+                     f'{"".join(rows)}</table></div>')
+    return parts
 
 
 def _run_tables(results: Sequence[PairResult], measures: Mapping[str, list[int]],
                 options: Mapping[str, Any] | None) -> list[str]:
     """The "Run" section: each measure with its options and properties, then the run options."""
-    parts = ["<h2>Run</h2><table><tr><th>measure</th><th>options</th><th>kind</th><th>symmetric</th>"
+    parts = ['<h2 id="run">Run</h2><table><tr><th>measure</th><th>options</th><th>kind</th><th>symmetric</th>'
              "<th>reference</th></tr>"]
     for m, idx in measures.items():
         r = results[idx[0]]
@@ -190,13 +285,15 @@ def _run_tables(results: Sequence[PairResult], measures: Mapping[str, list[int]]
     return parts
 
 
-def _measure_section(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None]) -> list[str]:
-    """One measure's section: its heatmaps, the corresponding-layer plot and the best-match tables."""
+def _measure_section(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None],
+                     indices: Sequence[int]) -> list[str]:
+    """One measure's section: its heatmaps (ids from the results' ``indices``), the corresponding-layer plot
+    and the best-match tables."""
     first = results[0]
     parts = [f'<h2 id="m-{_e(m)}">{_e(m)}</h2>',
              f'<p class="muted">{_e(first.spec.kind)} in [{first.spec.value_range[0]:g}, '
              f"{first.spec.value_range[1]:g}]; rows are the first store's layers.</p>"]
-    parts += _heatmaps(m, results, pngs)
+    parts += _heatmaps(m, results, pngs, indices)
     cross = [r for r in results if r.store_a != r.store_b]
     shared = [r for r in cross if r.rows == r.cols]
     if shared:
@@ -208,12 +305,14 @@ def _measure_section(m: str, results: Sequence[PairResult], pngs: Sequence[bytes
     return parts
 
 
-def _heatmaps(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None]) -> list[str]:
-    """Every heatmap of one measure, embedded (the given PNG, or one rendered now)."""
+def _heatmaps(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None],
+              indices: Sequence[int]) -> list[str]:
+    """Every heatmap of one measure, embedded (the given PNG, or one rendered now), each with its pair's id."""
     parts = ["<h3>Heatmaps</h3><div class=\"grid\">"]
-    for r, png in zip(results, pngs, strict=True):
+    for r, png, index in zip(results, pngs, indices, strict=True):
         png = png or heatmap_png(r)
-        parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(m)} heatmap: {_e(_pair_label(r))}">'
+        parts.append(f'<figure id="{_pair_id(index)}">'
+                     f'<img src="{_png_data_uri(png)}" alt="{_e(m)} heatmap: {_e(_pair_label(r))}">'
                      f"<figcaption>{_e(m)}: {_e(r.store_a)} (rows) vs {_e(r.store_b)} (columns)"
                      "</figcaption></figure>")
     parts.append("</div>")

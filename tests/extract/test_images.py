@@ -85,3 +85,18 @@ def test_empty_folder_and_bad_settings(tmp_path):
         ImagePreprocessing(size=0)
     with pytest.raises(ImageFolderError, match="3 values"):
         ImagePreprocessing(mean=(0.5, 0.5))
+
+
+def test_sample_labels_and_a_new_preprocessing_keep_the_files(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from extract.images import sample_labels
+
+    _colour_images(tmp_path)
+    data = ImageFolder(tmp_path, ImagePreprocessing(size=16))
+    labels = (data.files, data.classes)
+    assert sample_labels(data) == labels and sample_labels(DataLoader(data, batch_size=2)) == labels
+    assert sample_labels(torch.zeros(6, 3)) is None
+    grey = data.with_preprocessing(lambda image: torch.tensor(image.size))
+    assert (grey.files, grey.classes) == labels and grey[0].tolist() == [31, 47]
+    assert data[0].shape == (3, 16, 16)  # the original keeps its own preprocessing

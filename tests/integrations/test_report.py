@@ -159,6 +159,79 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
 
 
+NAV_PROBE = """<script>
+window.addEventListener('load', async function () {
+  var tick = function () { return new Promise(function (done) { setTimeout(done, 0); }); };
+  var links = [].slice.call(document.querySelectorAll('a[href^="#"]'));
+  var unresolved = links.map(function (a) { return a.getAttribute('href'); })
+                        .filter(function (h) { return !document.getElementById(h.slice(1)); });
+  var overview = document.getElementById('overview'), run = document.getElementById('run');
+  var box = overview ? overview.getBoundingClientRect() : null;
+  var tables = [].slice.call(document.querySelectorAll('table.zoo'));
+  var cells = [].slice.call(document.querySelectorAll('table.zoo a[href^="#"]'));
+  var scrolled = [], missed = [];
+  var last = document.documentElement.scrollHeight - window.innerHeight;
+  for (var k = 0; k < cells.length; k++) {
+    window.scrollTo(0, 0); await tick();
+    cells[k].click(); await tick();
+    var target = document.getElementById(cells[k].getAttribute('href').slice(1));
+    var r = target.getBoundingClientRect();
+    var atTop = Math.abs(r.top) < 2, atEnd = window.scrollY >= last - 2 && r.top >= 0 && r.bottom <= innerHeight + 2;
+    (window.scrollY > 0 && (atTop || atEnd) && location.hash === cells[k].getAttribute('href') ? scrolled : missed)
+      .push(cells[k].getAttribute('href'));
+  }
+  window.scrollTo(0, 0);
+  var out = {links: links.length, unresolved: unresolved, scrollWidth: document.documentElement.scrollWidth,
+             innerWidth: window.innerWidth, overviewTop: box ? box.top : null, viewport: window.innerHeight,
+             overviewBeforeRun: !!(overview && run && box.top < run.getBoundingClientRect().top),
+             zooTables: tables.length, zooTablesShown: tables.filter(function (t) {
+               var b = t.getBoundingClientRect(); return b.width > 50 && b.height > 50; }).length,
+             cells: cells.length, scrolled: scrolled.length, missed: missed};
+  var pre = document.createElement('pre'); pre.id = 'nav-result'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (bash .ci/setup test installs it)")
+def test_zoo_overview_links_scroll_to_their_pairs_at_1280px(run, tmp_path):
+    """Three stores: the report opens with a table of contents and one model × model matrix per measure, every
+    in-page link resolves, each matrix cell scrolls its pair's heatmap into view, and nothing is wider than 1280 px."""
+    import html
+
+    page = (run / "report.html").read_text(encoding="utf-8")
+    probed = tmp_path / "nav-report.html"
+    probed.write_text(page.replace("<head>", "<head>" + NAV_PROBE, 1), encoding="utf-8")
+    done = _browse(probed, tmp_path, "--window-size=1280,900", "--dump-dom")
+    match = re.search(r'<pre id="nav-result">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"the page did not finish loading in chromium (rc {done.returncode}): {done.stderr[-2000:]}"
+    seen = json.loads(html.unescape(match.group(1)))
+    assert seen["innerWidth"] == 1280 and seen["scrollWidth"] <= 1280, seen  # no horizontal overflow
+    assert seen["unresolved"] == [] and seen["links"] > 3 * 3 * 2, seen
+    assert seen["zooTables"] == seen["zooTablesShown"] == 2  # one matrix per measure, laid out
+    assert seen["overviewBeforeRun"] and 0 <= seen["overviewTop"] < seen["viewport"], seen  # on the first screen
+    assert seen["cells"] == 2 * 3 * 3 and seen["scrolled"] == seen["cells"] and seen["missed"] == [], seen
+    # each cell's value is the mean of its pair's matrix on disk, and links to that pair's heatmap
+    from measure.report import read_matrix_csv
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    for index, entry in enumerate(manifest["results"]):
+        mean = np.nanmean(read_matrix_csv(run / entry["csv"])[2])
+        cell = re.search(rf'<a href="#r{index}" style="color:#[0-9a-f]{{6}}" title="{entry["measure"]}: '
+                         rf'{entry["store_a"]} vs {entry["store_b"]}">([-0-9.]+)</a>', page)
+        assert cell and float(cell.group(1)) == pytest.approx(mean, abs=5e-4), entry
+        figure = re.search(rf'<figure id="r{index}"><img src="[^"]+" alt="([^"]+)"', page)
+        assert figure and figure.group(1) == f"{entry['measure']} heatmap: {entry['store_a']} vs {entry['store_b']}"
+    shot = tmp_path / "overview.png"
+    _browse(run / "report.html", tmp_path, "--window-size=1280,900", f"--screenshot={shot}")
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    first = re.search(r'<td class="cell" style="background:#([0-9a-f]{6})">', page).group(1)
+    colour = np.array([int(first[k:k + 2], 16) for k in (0, 2, 4)])
+    assert (np.abs(pixels.astype(int) - colour).max(axis=1) <= 2).sum() > 500  # the overview is on the first screen
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (bash .ci/setup test installs it)")
 def test_the_browser_probe_catches_broken_pages(tmp_path):
     bad = tmp_path / "bad.html"

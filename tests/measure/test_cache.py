@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +53,13 @@ def _reference_gram(path: Path, layer: str) -> np.ndarray:
 def test_adding_one_model_computes_only_its_statistics(tmp_path):
     paths = make_zoo(tmp_path, [0, 1, 2])
     cache = StatisticsCache(tmp_path / "cache.zarr")
-    first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache, precision="float64")
     before = _all_pairs(first)
     assert first.statistics_computed == 3 * 2 and cache.writes == 6 and cache.hits == 0
 
     paths += make_zoo(tmp_path, [3])
     cache = StatisticsCache(tmp_path / "cache.zarr")
-    second = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    second = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache, precision="float64")
     after = _all_pairs(second)
     assert second.statistics_computed == 2  # the new store's two layers, nothing else
     assert cache.hits == 6 and cache.writes == 2
@@ -130,7 +132,7 @@ def test_incomplete_or_damaged_entry_is_never_used(tmp_path):
     array[0, 0] = good[0, 0] + 1.0
     assert StatisticsCache(tmp_path / "c.zarr").get(store, "0") is None
     # an engine recomputes and repairs the entry
-    engine = Engine([store], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
+    engine = Engine([store], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"), precision="float64")
     np.testing.assert_allclose(engine.gram(0, "0").numpy(), good, rtol=1e-12, atol=1e-9)
     assert engine.statistics_computed == 1
     np.testing.assert_array_equal(StatisticsCache(tmp_path / "c.zarr").get(store, "0"), engine.gram(0, "0").numpy())
@@ -156,8 +158,39 @@ cache.put(store, "0", np.ones((48, 48)))
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()
     cache = StatisticsCache(tmp_path / "c.zarr")
-    assert len(cache.entries()) == 1 and not next(iter(cache.entries().values()))["complete"]
+    assert cache.entries() == {}  # written aside, never published: no entry, complete or not, is visible
+    (left,) = (tmp_path / "c.zarr" / ".tmp").iterdir()
     assert cache.get(ZarrStore(paths[0]), "0") is None
+    os.utime(left, (time.time() - 2 * 86400,) * 2)  # abandoned two days ago: removed by the next writer
+    assert cache.put(ZarrStore(paths[0]), "0", np.ones((48, 48)))  # the next put publishes the entry
+    assert not (tmp_path / "c.zarr" / ".tmp").exists()  # emptied, then removed
+    np.testing.assert_array_equal(StatisticsCache(tmp_path / "c.zarr").get(ZarrStore(paths[0]), "0"),
+                                  np.ones((48, 48)))
+
+
+def test_incomplete_or_damaged_entry_in_place_is_replaced(tmp_path):
+    """An entry left incomplete in ``entries/`` (a run killed on the URL path, or an older version) is
+    moved aside and replaced by the next put; readers never used it."""
+    import zarr
+
+    paths = make_zoo(tmp_path, [0])
+    store = ZarrStore(paths[0])
+    cache = StatisticsCache(tmp_path / "c.zarr")
+    assert cache.put(store, "0", np.ones((48, 48)))
+    key = cache.key(store, "0")
+    array = zarr.open_array(str(tmp_path / "c.zarr" / "entries" / key), mode="r+")
+    attrs = dict(array.attrs["simtorch_cache"])
+    array.attrs["simtorch_cache"] = {**attrs, "complete": False}
+    assert StatisticsCache(tmp_path / "c.zarr").get(store, "0") is None
+    assert StatisticsCache(tmp_path / "c.zarr").put(store, "0", np.full((48, 48), 2.0))
+    np.testing.assert_array_equal(StatisticsCache(tmp_path / "c.zarr").get(store, "0"), np.full((48, 48), 2.0))
+    array = zarr.open_array(str(tmp_path / "c.zarr" / "entries" / key), mode="r+")
+    array.attrs["simtorch_cache"] = {**dict(array.attrs["simtorch_cache"]), "crc32c": 1}  # complete, but damaged
+    again = StatisticsCache(tmp_path / "c.zarr")
+    assert again.get(store, "0") is None and again.put(store, "0", np.full((48, 48), 3.0))
+    np.testing.assert_array_equal(StatisticsCache(tmp_path / "c.zarr").get(store, "0"), np.full((48, 48), 3.0))
+    assert not (tmp_path / "c.zarr" / ".tmp").exists()  # the replaced entries were deleted
+    assert list(StatisticsCache(tmp_path / "c.zarr").entries()) == [key]
 
 
 def test_default_cache_path_is_beside_the_stores():
@@ -258,12 +291,13 @@ def test_entries_over_several_chunks_are_plain_zarr(tmp_path, monkeypatch):
 def test_cached_grams_are_loaded_once_per_run_and_released_after_the_last_gram_measure(tmp_path):
     paths = make_zoo(tmp_path, [0, 1, 2])
     measures = (("cka", {"route": "gram"}), ("cka_rbf", {}), ("cka_debiased", {"route": "gram"}))
-    reference = _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu"), measures)
-    first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"))
+    reference = _all_pairs(Engine([ZarrStore(p) for p in paths], device="cpu", precision="float64"), measures)
+    first = Engine([ZarrStore(p) for p in paths], device="cpu", cache=StatisticsCache(tmp_path / "c.zarr"),
+                   precision="float64")
     _all_pairs(first, measures)
     assert first.statistics_computed == 6 and not first.layer_statistics.held("gram")  # computed, cached, then released
     cache = StatisticsCache(tmp_path / "c.zarr")
-    warm = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache)
+    warm = Engine([ZarrStore(p) for p in paths], device="cpu", cache=cache, precision="float64")
     results = _all_pairs(warm, measures)
     assert warm.statistics_computed == 0 and cache.hits == 6 and cache.misses == 0  # each Gram loaded once
     assert not warm.layer_statistics.held("gram")
@@ -271,7 +305,7 @@ def test_cached_grams_are_loaded_once_per_run_and_released_after_the_last_gram_m
     for key, matrix in results.items():
         np.testing.assert_allclose(matrix, reference[key], rtol=1e-12, atol=1e-12, err_msg=str(key))
     np.testing.assert_allclose(warm.gram(1, "0").numpy(), _reference_gram(paths[1], "0"), rtol=1e-12, atol=1e-9)
-    uncached = Engine([ZarrStore(p) for p in paths], device="cpu")
+    uncached = Engine([ZarrStore(p) for p in paths], device="cpu", precision="float64")
     _all_pairs(uncached, measures)
     assert len(uncached.layer_statistics.held("gram")) == 6  # nothing to reload them from: kept
 

@@ -56,7 +56,8 @@ def _expected(a, b, inputs, name, options):
     kw = {"confounder": inputs} if name == "dcka" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the minibatch estimator warns about the dropped partial batch
-        return np.array([[compare(x, y, name, **kw, **options) for y in b.values()] for x in a.values()])
+        return np.array([[compare(x, y, name, **kw, **options, precision="float64") for y in b.values()]
+                         for x in a.values()])
 
 
 @pytest.mark.parametrize("chunk,budget", [(5, None), (16, None), (N, None), (16, 1), (5, 4000)])
@@ -72,7 +73,8 @@ def test_store_path_equals_compare(stores, chunk, budget, monkeypatch):
             return one_shot(x, *args)
 
         monkeypatch.setattr(statistics, "linear_gram", refuse)
-    engine = Engine(list(made[chunk]), device="cpu", memory_budget=budget or statistics.DEFAULT_MEMORY_BUDGET)
+    engine = Engine(list(made[chunk]), device="cpu", memory_budget=budget or statistics.DEFAULT_MEMORY_BUDGET,
+                    precision="float64")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = engine.run(MEASURES, [(0, 1)])
@@ -93,7 +95,7 @@ def test_pairs_of_many_stores_are_slices_of_one_product(stores, tmp_path, monkey
     _, c, _ = zoo(seed=3)
     c["fc"][:, :] = 1.5  # a constant layer: undefined, its row / column NaN in the shared product too
     engine = Engine([*made[16], write_store(tmp_path / "c.zarr", "C", c, inputs, chunk=16)], device="cpu",
-                    undefined="nan")
+                    undefined="nan", precision="float64")
     grouped = []
     original = _bilinear.SharedProducts.compute
 
@@ -151,7 +153,8 @@ def test_self_comparison_is_symmetric_with_unit_diagonal(stores):
 
 def test_feature_route_streams_with_budget_smaller_than_a_chunk(stores):
     _, a, b, made = stores
-    gram = Engine(list(made[16]), device="cpu").run([("cka_debiased", {"route": "gram"})], [(0, 1)])[0].matrix
+    gram = Engine(list(made[16]), device="cpu", precision="float64").run([("cka_debiased", {"route": "gram"})],
+                                                                         [(0, 1)])[0].matrix
     tiny = Engine(list(made[16]), device="cpu", memory_budget=2000)
     feat = tiny.run([("cka_debiased", {"route": "features"}), ("cka", {"route": "features"})], [(0, 1)])
     np.testing.assert_allclose(feat[0].matrix, gram, atol=1e-10, rtol=0)
@@ -164,7 +167,7 @@ def test_auto_route_takes_features_for_narrow_layers(tmp_path):
     a = {"x": rng.normal(size=(n, 3)).astype(np.float32), "y": rng.normal(size=(n, 2)).astype(np.float32)}
     b = {"z": (a["x"][:, :2] + rng.normal(size=(n, 2))).astype(np.float32)}
     engine = Engine([write_store(tmp_path / "a.zarr", "A", a, chunk=128),
-                     write_store(tmp_path / "b.zarr", "B", b, chunk=128)], device="cpu")
+                     write_store(tmp_path / "b.zarr", "B", b, chunk=128)], device="cpu", precision="float64")
     auto, gram = engine.run([("cka_debiased", {}), ("cka_debiased", {"route": "gram"})], [(0, 1)])
     assert auto.extras == {"route": "features"} and gram.extras.get("route") is None
     np.testing.assert_allclose(auto.matrix, gram.matrix, atol=1e-10, rtol=0)
@@ -292,7 +295,7 @@ def test_engine_config_is_the_same_as_keywords(stores):
     from measure.engine import EngineConfig
 
     made = stores[3][16]
-    config = EngineConfig(device="cpu", layers=["wide", "l*"], undefined="nan", memory_budget=4000)
+    config = EngineConfig(device="cpu", layers=["wide", "l*"], undefined="nan", memory_budget=4000, precision="float64")
     by_config, by_keywords = Engine(list(made), config=config), Engine(list(made), **config.__dict__)
     assert by_config.layers == by_keywords.layers == [["wide"], ["l1", "l2"]]
     assert by_config.memory_budget == 4000 and by_config.undefined == "nan" and by_config.precision == "float64"

@@ -76,7 +76,7 @@ layer_gram(store, "narrow", torch.device("cpu"), budget)          # warm up zarr
 x = torch.from_numpy(store.read_layer("wide", 0, 2 * store.info.chunk_samples)).double()
 x @ x.T                                                          # BLAS allocates its work buffers once
 del x
-engine = Engine([store], device="cpu", memory_budget=budget)
+engine = Engine([store], device="cpu", memory_budget=budget, precision="float64")
 base = vm("VmSize:")
 resource.setrlimit(resource.RLIMIT_AS, (base + allowance, base + allowance))
 try:

@@ -184,7 +184,7 @@ def test_float32_overflow_is_an_error_not_inf(tmp_path):
 def test_cache_keeps_float32_and_float64_grams_apart(pair_stores, tmp_path):
     cache = StatisticsCache(tmp_path / "cache.zarr")
     measures = [("cka", {"route": "gram"})]
-    first = Engine(list(pair_stores), device="cpu", cache=cache)
+    first = Engine(list(pair_stores), device="cpu", cache=cache, precision="float64")
     first.run(measures, [(0, 1)])
     fast = Engine(list(pair_stores), device="cpu", cache=cache, precision="float32")
     fast.run(measures, [(0, 1)])
