@@ -238,3 +238,25 @@ class Failing(SmallCNN):
 def failing() -> Failing:
     """Factory for ``--model _extract_models:failing``."""
     return Failing()
+
+
+def write_hf_bert(root, words, model):
+    """Save ``model`` (a transformers BERT) with a word-level tokenizer over ``words`` to ``root/bert``.
+
+    The vocabulary is [PAD] [UNK] [CLS] [SEP] [MASK] followed by ``words``; nothing is downloaded.
+    """
+    import inspect
+
+    import transformers
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(tokens) + "\n")
+    if "vocab" in inspect.signature(transformers.BertTokenizerFast.__init__).parameters:  # transformers >= 5
+        tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
+    else:
+        tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    model_dir = root / "bert"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir

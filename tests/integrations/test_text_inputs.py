@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import numpy as np
 import pytest
 import torch
-from _extract_models import TEXTS
+from _extract_models import TEXTS, write_hf_bert
 
 import pipeline
 from extract import ZarrStore
@@ -23,21 +22,10 @@ LAYERS = ["embeddings", "encoder.layer.0", "encoder"]
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A local Hugging Face directory with a tiny BERT and its tokenizer."""
-    root = tmp_path_factory.mktemp("hf")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(tokens) + "\n")
-    if "vocab" in inspect.signature(transformers.BertTokenizerFast.__init__).parameters:  # transformers >= 5
-        tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
-    else:
-        tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(tokens), hidden_size=16, num_hidden_layers=1,
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=20, max_position_embeddings=32)
-    model_dir = root / "bert"
-    transformers.BertModel(config).eval().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
+    return write_hf_bert(tmp_path_factory.mktemp("hf"), WORDS, transformers.BertModel(config).eval())
 
 
 def _extract(bert_dir, data, out, name, capsys):

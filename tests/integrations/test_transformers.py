@@ -8,12 +8,12 @@ outputs are captured.
 
 from __future__ import annotations
 
-import inspect
 import re
 
 import numpy as np
 import pytest
 import torch
+from _extract_models import write_hf_bert
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -51,18 +51,7 @@ def _bert(seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A local Hugging Face directory with a tiny BERT and its tokenizer (vocab file written here)."""
-    root = tmp_path_factory.mktemp("hf")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(tokens) + "\n")
-    if "vocab" in inspect.signature(transformers.BertTokenizerFast.__init__).parameters:  # transformers >= 5
-        tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
-    else:
-        tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    model_dir = root / "bert"
-    _bert(0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
+    return write_hf_bert(tmp_path_factory.mktemp("hf"), WORDS, _bert(0))
 
 
 @pytest.fixture(scope="module")
