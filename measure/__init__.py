@@ -1,25 +1,41 @@
 """simtorch stage two: similarity measures between layer representations."""
 
-from .accumulators import Accumulator, LinearCKA, LinearCKAMatrix
-from .comparison import cka, cka_debiased, cka_minibatch, cka_rbf, compare, dcka
-from .errors import MeasureError
-from .functional import cca, linreg, mutual_knn, procrustes, pwcca, rsa, svcca
-from .inference import bootstrap, permutation_test
-from .measures.base import Measure
-from .registry import MEASURES, get_measure
-from .similarity import (
-    CCA,
-    CKA,
-    PWCCA,
-    RSA,
-    SVCCA,
-    DeconfoundedCKA,
-    DeltaCKA,
-    LinearRegression,
-    MutualKNN,
-    Procrustes,
-    Similarity,
-)
+# public name -> the submodule defining it, imported on first access (``__getattr__`` below)
+_LAZY = {
+    "Accumulator": ".accumulators",
+    "LinearCKA": ".accumulators",
+    "LinearCKAMatrix": ".accumulators",
+    "cka": ".comparison",
+    "cka_debiased": ".comparison",
+    "cka_minibatch": ".comparison",
+    "cka_rbf": ".comparison",
+    "compare": ".comparison",
+    "dcka": ".comparison",
+    "MeasureError": ".errors",
+    "cca": ".functional",
+    "linreg": ".functional",
+    "mutual_knn": ".functional",
+    "procrustes": ".functional",
+    "pwcca": ".functional",
+    "rsa": ".functional",
+    "svcca": ".functional",
+    "bootstrap": ".inference",
+    "permutation_test": ".inference",
+    "Measure": ".measures.base",
+    "MEASURES": ".registry",
+    "get_measure": ".registry",
+    "CCA": ".similarity",
+    "CKA": ".similarity",
+    "PWCCA": ".similarity",
+    "RSA": ".similarity",
+    "SVCCA": ".similarity",
+    "DeconfoundedCKA": ".similarity",
+    "DeltaCKA": ".similarity",
+    "LinearRegression": ".similarity",
+    "MutualKNN": ".similarity",
+    "Procrustes": ".similarity",
+    "Similarity": ".similarity",
+}
 
 __all__ = [
     "CKA",
@@ -40,3 +56,19 @@ __all__ = [
 __all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MutualKNN", "Procrustes"]
 __all__ += ["bootstrap", "cca", "linreg", "mutual_knn", "permutation_test", "procrustes", "pwcca", "rsa", "svcca"]
 __all__ += ["Accumulator", "LinearCKA", "LinearCKAMatrix"]
+
+
+def __getattr__(name: str):
+    """PEP 562: import the submodule defining ``name`` on first access, so that importing the package is cheap."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,21 +18,20 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extract.cli import exit_on_known_errors
-from extract.store import ZarrStore
-from extract.store.remote import find_stores as find_url_stores
-from extract.store.remote import is_url, parse_storage_options, unreachable_message, upload_folder
 
-from .engine import Engine, EngineConfig, PairResult
-from .engine.cache import StatisticsCache, default_cache_path
-from .engine.dask_tasks import compute_grams, dask_client
 from .errors import MeasureError
-from .inference import add_statistics, check_supported
-from .registry import MEASURES, get_measure
-from .report import REPORT_NAME, write_report, write_results
-from .report.files import check_file_names
+
+if TYPE_CHECKING:
+    from extract.store import ZarrStore
+
+    from .engine import Engine, EngineConfig, PairResult
+    from .engine.cache import StatisticsCache
+
+# The parser is built from the standard library alone (``pipeline.py measure --help`` imports no torch, numpy or
+# zarr); the command bodies import the engine, stores and report where they use them.
 
 __all__ = [
     "add_measure_arguments",
@@ -107,7 +106,7 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
                              "gap, pool<k>, or PATTERN=REDUCTION ('block*=gap'); default: as stored")
     parser.add_argument("--mixed-reductions", action="store_true",
                         help="compare same-named layers even when their stores reduced them differently")
-    parser.add_argument("--no-report", action="store_true", help=f"skip {REPORT_NAME} (the HTML run report)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.html (the HTML run report)")
     scale = parser.add_argument_group("scaling out (zoos, cache, dask, remote stores)")
     scale.add_argument("--cache", default=None, metavar="DIR",
                        help="statistics cache (Zarr group, path or URL; default STORES_FOLDER/.simtorch-cache.zarr)")
@@ -155,6 +154,8 @@ def measure_command(args: argparse.Namespace) -> int:
 
 def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
     """'cka_rbf(threshold=0.8)' -> ('cka_rbf', {'threshold': 0.8}); values are JSON or bare words."""
+    from .registry import get_measure
+
     name, _, rest = text.partition("(")
     name = name.strip()
     get_measure(name)
@@ -175,6 +176,9 @@ def parse_measure(text: str) -> tuple[str, dict[str, Any]]:
 
 def find_stores(specs: list[str], storage_options: dict[str, Any] | None = None) -> list[Path]:
     """Store paths from explicit paths, folders holding ``*.zarr`` stores, and globs (URLs too: str entries)."""
+    from extract.store.remote import find_stores as find_url_stores
+    from extract.store.remote import is_url
+
     specs = specs or [str(DEFAULT_STORES)]
     found: list[Path] = []
     urls: list[str] = []
@@ -214,6 +218,8 @@ def run_measure(args: argparse.Namespace) -> int:
     except MeasureError:
         raise
     except Exception as exc:
+        from extract.store.remote import unreachable_message
+
         message = unreachable_message("Remote storage", exc)
         if message is None:
             raise
@@ -222,6 +228,11 @@ def run_measure(args: argparse.Namespace) -> int:
 
 def _run_measure(args: argparse.Namespace) -> int:
     """Parse the measures, open the stores and the cache, measure, write the results, print the summary."""
+    from extract.store.remote import parse_storage_options
+
+    from .engine import Engine
+    from .registry import get_measure
+
     if args.list_measures:
         _print_measures()
         return 0
@@ -257,6 +268,8 @@ def _statistics_line(engine: Engine, cache: StatisticsCache) -> str:
 
 def _print_measures() -> None:
     """``--list-measures``: one line per registered measure."""
+    from .registry import MEASURES
+
     for name in sorted(MEASURES):
         spec = MEASURES[name]
         print(f"{name:15s} {'symmetric' if spec.symmetric else 'asymmetric':10s} {spec.kind:10s} "
@@ -265,6 +278,9 @@ def _print_measures() -> None:
 
 def _parse_measures(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """The requested measures with their options, checked (with the inference flags) before any work."""
+    from .inference import check_supported
+    from .registry import get_measure
+
     measures = [parse_measure(m) for m in (args.measures or DEFAULT_MEASURES)]
     for name, options in measures:
         get_measure(name).resolve_options(options)
@@ -278,6 +294,10 @@ def _parse_measures(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]
 
 def _open_stores(paths: Sequence[Path | str], storage_options: dict[str, Any] | None) -> list[ZarrStore]:
     """The stores at ``paths``, read-only; model names must be unique (they name the result files)."""
+    from extract.store import ZarrStore
+
+    from .report.files import check_file_names
+
     stores = [ZarrStore(p, read_only=True, storage_options=storage_options) for p in paths]
     names = [s.name for s in stores]
     if len(set(names)) != len(names):
@@ -293,6 +313,8 @@ def _open_cache(args: argparse.Namespace, paths: Sequence[Path | str],
     """The statistics cache of ``--cache`` (default: beside the first store), or None with ``--no-cache``."""
     if getattr(args, "no_cache", False):
         return None
+    from .engine.cache import StatisticsCache, default_cache_path
+
     return StatisticsCache(getattr(args, "cache", None) or default_cache_path([str(p) for p in paths]),
                            storage_options=storage_options)
 
@@ -300,6 +322,8 @@ def _open_cache(args: argparse.Namespace, paths: Sequence[Path | str],
 def engine_config(args: argparse.Namespace, *, progress: Any = None,
                   cache: StatisticsCache | None = None) -> EngineConfig:
     """The engine's options from the command's flags: the one place they are translated."""
+    from .engine import EngineConfig
+
     return EngineConfig(device=args.device, layers=args.layers, memory_budget=int(args.memory_budget * 2**30),
                         undefined=args.undefined, progress=progress, cache=cache,
                         reduce=getattr(args, "reduce", None), mixed_reductions=getattr(args, "mixed_reductions", False),
@@ -332,6 +356,10 @@ class _ProgressBar:
 def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: argparse.Namespace,
              storage_options: dict[str, Any] | None, progress: _ProgressBar) -> list[PairResult]:
     """Every measure on every pair of stores (Grams on dask when asked), then the inference statistics."""
+    from .engine.dask_tasks import compute_grams, dask_client
+    from .inference import add_statistics
+    from .registry import get_measure
+
     results: list[PairResult] = []
     progress.open()
     try:
@@ -358,6 +386,10 @@ def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[Z
 
     Results for a URL are written to a local staging folder, then uploaded.
     """
+    from extract.store.remote import is_url, upload_folder
+
+    from .report import write_results
+
     out_url = str(args.out) if args.out and is_url(args.out) else None
     staging = tempfile.TemporaryDirectory(prefix="simtorch-results-") if out_url else None
     out = Path(staging.name) if staging else Path(args.out or DEFAULT_OUT)
@@ -384,6 +416,8 @@ def _store_meta(engine: Engine, stores: Sequence[ZarrStore], paths: Sequence[Pat
 def _write_report(results: list[PairResult], out: Path, store_meta: dict[str, dict[str, Any]], engine: Engine,
                   manifest: Path, args: argparse.Namespace) -> None:
     """``report.html`` beside the manifest, listing the run options that were set."""
+    from .report import write_report
+
     run_options = {k: getattr(args, k, None) for k in ("layers", "reduce", "mixed_reductions", "undefined",
                                                         "permutations", "bootstrap")}
     write_report(results, out, stores=store_meta, device=str(engine.device), manifest=json.loads(

@@ -13,21 +13,24 @@ as before this package existed; each lives in one module:
 - ``summary``      what ``pipeline.py info`` and ``pipeline.py ls`` print
 """
 
-from ..errors import StoreError
-from .base import ActivationStore, copy_into
-from .chunk_files import ChunkFiles
-from .format import (
-    ATTRS_KEY,
-    DEFAULT_CHUNK_BYTES,
-    FORMAT_VERSION,
-    INPUTS_ARRAY,
-    LAYERS_GROUP,
-    MASK_ARRAY,
-    StoreInfo,
-    chunk_samples,
-)
-from .memory import MemoryStore
-from .zarr_store import ZarrStore, open_store
+# public name -> the submodule defining it, imported on first access (``__getattr__`` below)
+_LAZY = {
+    "StoreError": "..errors",
+    "ActivationStore": ".base",
+    "copy_into": ".base",
+    "ChunkFiles": ".chunk_files",
+    "ATTRS_KEY": ".format",
+    "DEFAULT_CHUNK_BYTES": ".format",
+    "FORMAT_VERSION": ".format",
+    "INPUTS_ARRAY": ".format",
+    "LAYERS_GROUP": ".format",
+    "MASK_ARRAY": ".format",
+    "StoreInfo": ".format",
+    "chunk_samples": ".format",
+    "MemoryStore": ".memory",
+    "ZarrStore": ".zarr_store",
+    "open_store": ".zarr_store",
+}
 
 __all__ = [
     "ATTRS_KEY",
@@ -46,3 +49,19 @@ __all__ = [
     "copy_into",
     "open_store",
 ]
+
+
+def __getattr__(name: str):
+    """PEP 562: import the submodule defining ``name`` on first access, so that importing the package is cheap."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

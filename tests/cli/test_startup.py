@@ -61,3 +61,40 @@ def test_local_extract_imports_no_dask_matplotlib_or_s3fs(tmp_path):
     loaded = _loaded(code, tmp_path)
     assert any((tmp_path / "out").glob("*.zarr"))
     assert set(loaded) <= set(_loaded("import zarr", tmp_path)) and not {"dask", "matplotlib", "s3fs"} & set(loaded)
+
+
+def _fresh(args: list[str]) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` in a fresh interpreter from the repository root."""
+    env = {"PYTHONPATH": f"{ROOT}:{TESTS}", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_building_the_parser_imports_no_torch_numpy_or_zarr():
+    """``--help`` builds only the parser: torch, numpy and zarr (seconds of imports) stay unloaded."""
+    done = _fresh(["-c", "import pipeline, sys; pipeline.build_parser(); "
+                         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'zarr'}))"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_importing_the_packages_is_lazy_but_complete():
+    """``import measure, extract`` loads no torch; every public name still resolves (PEP 562)."""
+    done = _fresh(["-c", "import sys, extract, measure, extract.store as store; "
+                         "print('torch' in sys.modules, 'zarr' in sys.modules); "
+                         "missing = [f'{m.__name__}.{n}' for m in (extract, measure, store) for n in m.__all__ "
+                         "if not hasattr(m, n)]; print(missing); "
+                         "from measure.comparison import compare; print(measure.compare is compare, "
+                         "sorted(measure.MEASURES) == sorted(measure.registry.MEASURES))"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["False False", "[]", "True True"]
+
+
+def test_help_of_each_command_exits_zero_and_describes_it():
+    from measure.report import REPORT_NAME
+
+    measure_help = _fresh(["pipeline.py", "measure", "--help"])
+    assert measure_help.returncode == 0, measure_help.stderr
+    assert "--measures" in measure_help.stdout and f"skip {REPORT_NAME}" in measure_help.stdout
+    extract_help = _fresh(["pipeline.py", "extract", "--help"])
+    assert extract_help.returncode == 0, extract_help.stderr
+    assert "--layers" in extract_help.stdout and "--model" in extract_help.stdout
