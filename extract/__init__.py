@@ -1,5 +1,7 @@
 """simtorch stage one: capture layer activations and write them to Zarr stores."""
 
+from .lazy_exports import lazy_exports
+
 # public name -> the submodule defining it, imported on first access (``__getattr__`` below)
 _LAZY = {
     "__version__": "._version",
@@ -33,18 +35,4 @@ __all__ = [
     "resolve_layers",
 ]
 
-
-def __getattr__(name: str):
-    """PEP 562: import the submodule defining ``name`` on first access, so that importing the package is cheap."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

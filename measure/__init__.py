@@ -1,5 +1,7 @@
 """simtorch stage two: similarity measures between layer representations."""
 
+from extract.lazy_exports import lazy_exports
+
 # public name -> the submodule defining it, imported on first access (``__getattr__`` below)
 _LAZY = {
     "Accumulator": ".accumulators",
@@ -57,18 +59,4 @@ __all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MutualKNN", "Pr
 __all__ += ["bootstrap", "cca", "linreg", "mutual_knn", "permutation_test", "procrustes", "pwcca", "rsa", "svcca"]
 __all__ += ["Accumulator", "LinearCKA", "LinearCKAMatrix"]
 
-
-def __getattr__(name: str):
-    """PEP 562: import the submodule defining ``name`` on first access, so that importing the package is cheap."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

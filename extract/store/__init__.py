@@ -13,6 +13,8 @@ as before this package existed; each lives in one module:
 - ``summary``      what ``pipeline.py info`` and ``pipeline.py ls`` print
 """
 
+from ..lazy_exports import lazy_exports
+
 # public name -> the submodule defining it, imported on first access (``__getattr__`` below)
 _LAZY = {
     "StoreError": "..errors",
@@ -50,18 +52,4 @@ __all__ = [
     "open_store",
 ]
 
-
-def __getattr__(name: str):
-    """PEP 562: import the submodule defining ``name`` on first access, so that importing the package is cheap."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
