@@ -58,7 +58,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_measure_models import LAYER_SETS, WideCNN, layer_widths, make_inputs  # noqa: E402
+from bench_measure_models import LAYER_SETS, layer_widths, write_model_pair  # noqa: E402
 
 DEFAULT_VENV = ROOT / ".bench" / "simtorch021-venv"
 SIMTORCH_DEPS = ["numpy", "matplotlib", "seaborn", "tqdm"]
@@ -290,14 +290,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     log(f"n={n}, batch={b}, width={args.width} (features per sample {widths}), device={device}, "
         f"torch threads={torch.get_num_threads()}, load average {load_start[0]:.2f}; work in {work}")
     try:
-        inputs = make_inputs(n)
-        models = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            models.append(WideCNN(args.width).eval())
-        torch.save(inputs, work / "inputs.pt")
-        for i, m in enumerate(models):
-            torch.save(m.state_dict(), work / f"model{i}.pt")
+        inputs, models = write_model_pair(work, n, args.width)
         rows: list[dict] = []
         results: dict[str, Any] = {"n_samples": n, "batch_size": b, "width": args.width, "device": str(device),
                                    "layers": layers, "layer_widths": widths, "threads": torch.get_num_threads(),

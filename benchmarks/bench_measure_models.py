@@ -81,3 +81,17 @@ def make_inputs(n_samples: int, seed: int = 0) -> torch.Tensor:
         parts.append(moved + 0.05 * torch.randn(moved.shape, generator=g))
         have += take
     return torch.cat(parts).contiguous()
+
+
+def write_model_pair(work, n_samples: int, width: int) -> tuple[torch.Tensor, list[WideCNN]]:
+    """The benchmark's inputs and two ``WideCNN``s (seeds 0 and 1), also saved as ``work/inputs.pt`` and
+    ``work/model{0,1}.pt`` for simtorch 0.2.1's runner."""
+    inputs = make_inputs(n_samples)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(WideCNN(width).eval())
+    torch.save(inputs, work / "inputs.pt")
+    for i, model in enumerate(models):
+        torch.save(model.state_dict(), work / f"model{i}.pt")
+    return inputs, models

@@ -49,7 +49,7 @@ from bench_measure import (  # noqa: E402
     run_simtorch,
     timed,
 )
-from bench_measure_models import LAYERS, WideCNN, layer_widths, make_inputs  # noqa: E402
+from bench_measure_models import LAYERS, layer_widths, write_model_pair  # noqa: E402
 
 
 def pypi_reachable(timeout: float = 3.0) -> bool:
@@ -115,14 +115,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     log(f"n={n}, batch={b}, width={args.width} ({widths} features), device={device} ({name}), "
         f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
     try:
-        inputs = make_inputs(n)
-        models = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            models.append(WideCNN(args.width).eval())
-        torch.save(inputs, work / "inputs.pt")
-        for i, m in enumerate(models):
-            torch.save(m.state_dict(), work / f"model{i}.pt")
+        inputs, models = write_model_pair(work, n, args.width)
         rows: list[dict] = []
         sim = _simtorch(args, work, device, log)
         t_sim = None
