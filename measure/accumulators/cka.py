@@ -23,13 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import MeasureError
-from ..functional._bilinear import CANCELLATION_RTOL, UNDEFINED_RTOL
-from ..functional.moments import (
-    _cka_from_hsic,
-    _cka_moments_compute,
-    _cka_moments_reshift,
-    _cka_moments_update,
-)
+from ..functional.moments import _cka_moments_reshift, _cka_moments_update, cka_from_moments
 from ..validation import as_samples_matrix, check_min_samples, check_same_samples
 from .base import Accumulator
 
@@ -126,23 +120,7 @@ class LinearCKAMatrix(Accumulator):
     def _compute(self) -> dict[str, Any]:
         if self.stats is None:
             raise MeasureError("Nothing accumulated yet: call update() with data first.")
-        sizes_x, sizes_y = self.stats["sizes_x"], self.stats["sizes_y"]
-        moments = self.stats["moments"]
-        n = int(moments["n"])
-        m = _cka_moments_compute(moments, sizes_x, sizes_y)
-        out: dict[str, Any] = {"n_samples": n}
-        matrix, bad_x, bad_y = _cka_from_hsic(m["biased"], m["biased_x"], m["biased_y"], m["scale_x"],
-                                              m["scale_y"], clamp=(-1.0, 1.0))
-        out["cka"], out["cka_undefined"] = matrix, (bad_x, bad_y)
-        if n >= 4:
-            # first-order cancellation in HSIC₁: see measure.functional._bilinear.CANCELLATION_RTOL
-            rescale = CANCELLATION_RTOL / UNDEFINED_RTOL / n**2
-            matrix, bad_x, bad_y = _cka_from_hsic(m["debiased"], m["debiased_x"], m["debiased_y"],
-                                                  m["scale_x"] * rescale, m["scale_y"] * rescale, clamp=None)
-            out["cka_debiased"], out["cka_debiased_undefined"] = matrix, (bad_x, bad_y)
-            out["self_hsic_debiased"] = (m["debiased_x"], m["debiased_y"])
-        return out
-
+        return cka_from_moments(self.stats["moments"], self.stats["sizes_x"], self.stats["sizes_y"])
 
 def _merge_stats(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
     """Add the moments of ``b`` to those of ``a``, moving ``b``'s to ``a``'s shift when they differ."""

@@ -27,6 +27,7 @@ from ..accumulators.cka import choose_route
 from ..errors import MeasureError
 from ..functional._bilinear import PreparedLayers, SharedProducts
 from ..functional.gram import PRECISION_CHOICES, resolve_precision
+from ..functional.moments import cka_from_moments, pair_moments, unpack_self_moments
 from ..registry import get_measure
 from ..undefined import undefined_value
 from ..validation import check_min_samples
@@ -248,10 +249,26 @@ class Engine:
         return choose_route(options.get("route", "auto"), self.stores[i].n_samples, *widths)
 
     def _feature_matrix(self, spec: Any, i: int, j: int) -> np.ndarray:
-        """The L_i × L_j matrix of a feature-route measure; the moments of (i, j) are streamed once per run."""
+        """The L_i × L_j matrix of a feature-route measure, from each layer's own moments (once per run,
+        cached like Grams) and the pair's cross products (once per run, shared by both estimators; the
+        debiased one adds the cheap fourth-order cross terms).
+
+        The precision is each store's Gram precision (``"auto"``: float32 products for float32 stores);
+        the cross products are float32 when both stores' are.
+        """
         if spec.feature_route == "cka_debiased":
             check_min_samples(self.stores[i].n_samples, 4, spec.name, "unbiased HSIC")
-        out = self.layer_statistics.get(self.layer_statistics.key("moments", (i, j)))
+        stats = self.layer_statistics
+        precisions = tuple(self.gram_precision(spec, s) for s in (i, j))
+        selfs = [[unpack_self_moments(stats.get(stats.key("self_moments", s, layer, precision=p)))[1]
+                  for layer in self.layers[s]] for s, p in zip((i, j), precisions, strict=True)]
+        debiased = spec.feature_route == "cka_debiased"
+        cross = {}
+        for terms in ("products", "fourth") if debiased else ("products",):
+            cross.update(stats.get(stats.key("cross_moments", (i, j), precisions=precisions, terms=terms)))
+        moments = pair_moments(self.stores[i].n_samples, *selfs, cross, same=i == j)
+        out = cka_from_moments(moments, *(layer_widths(self.stores[s], self.layers[s]) for s in (i, j)),
+                               debiased=debiased)
         bad_rows, bad_cols = out[f"{spec.feature_route}_undefined"]
         for s, bad in ((i, bad_rows), (j, bad_cols)):
             for k in bad:

@@ -12,15 +12,20 @@ Held statistics that the cache can give back are dropped after their last use (`
 and reloaded if asked for again, so the Grams of a zoo are never all in memory at once. The
 kinds and how each is kept:
 
-============  =====================================================  ====  =====  =======
-kind          what                                                   held  cache  counted
-============  =====================================================  ====  =====  =======
-gram          K = X Xᵀ of a layer (n × n, float64)                   yes   yes    yes
-gram_blocks   Grams of consecutive batches (``batch_size`` option)   no    yes    yes
-confounder    dCKA's Gram of the stored inputs                       yes   yes    no
-features      the (n_samples, n_features) matrix itself              no    no     yes
-moments       feature-route CKA of every layer pair of two stores    yes   no     yes
-============  =====================================================  ====  =====  =======
+=============  =====================================================  ====  =====  =======
+kind           what                                                   held  cache  counted
+=============  =====================================================  ====  =====  =======
+gram           K = X Xᵀ of a layer (n × n, float64)                   yes   yes    yes
+gram_blocks    Grams of consecutive batches (``batch_size`` option)   no    yes    yes
+confounder     dCKA's Gram of the stored inputs                       yes   yes    no
+features       the (n_samples, n_features) matrix itself              no    no     yes
+self_moments   a layer's own feature-route moments (its shift, Σz,    yes   yes    yes
+               ZᵀZ, the fourth-order sums; ``layer_self_moments``)
+cross_moments  the cross moments of every layer pair of two stores   yes   no     yes
+               (``pair_cross_moments``; the store is a pair; the
+               ``terms`` option: "products" or, for the debiased
+               estimator only, "fourth")
+=============  =====================================================  ====  =====  =======
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from extract.store import ActivationStore
 from ..functional.dcka import confounder_gram
 from ..functional.gram import resolve_precision
 from .cache import StatisticsCache
-from .streaming import layer_features, layer_gram_blocks, layer_grams, layer_moments
+from .feature_streaming import layer_self_moments, pair_cross_moments
+from .streaming import layer_features, layer_gram_blocks, layer_grams
 
 __all__ = ["KINDS", "Kind", "LayerStatistics", "StatisticKey"]
 
@@ -79,13 +85,14 @@ KINDS: dict[str, Kind] = {
     "gram_blocks": Kind(held=False, cached=True, counted=True, precision_keyed=True, stacked=True),
     "confounder": Kind(held=True, cached=True, counted=False),
     "features": Kind(held=False, cached=False, counted=True),
-    "moments": Kind(held=True, cached=False, counted=True, announced=True),
+    "self_moments": Kind(held=True, cached=True, counted=True, precision_keyed=True, announced=True),
+    "cross_moments": Kind(held=True, cached=False, counted=True, announced=True),
 }
 
 
 @dataclass(frozen=True)
 class StatisticKey:
-    """Which statistic: its ``kind``, the ``store`` index (a pair of indices for ``moments``),
+    """Which statistic: its ``kind``, the ``store`` index (a pair of indices for ``cross_moments``),
     the ``layer`` (None: the stored inputs, or all selected layers) and the options that change it."""
 
     kind: str
@@ -107,7 +114,7 @@ class LayerStatistics:
     ----------
     stores : list of ActivationStore
     layers : list of list of str
-        The selected layers of each store (``moments`` covers all of them).
+        The selected layers of each store (``cross_moments`` covers all of them).
     device : torch.device
     memory_budget : int
         Bytes of float64 features held at once while building a Gram.
@@ -271,10 +278,15 @@ class LayerStatistics:
             return confounder_gram(layer_features(self._store(key), None, self.device))
         if key.kind == "features":
             return layer_features(self._store(key), key.layer, self.device)
-        if key.kind == "moments":
-            i, j = key.store
-            return layer_moments(self.stores[i], self.layers[i], self.stores[j], self.layers[j], self.device,
-                                 self.memory_budget).compute()
+        if key.kind == "self_moments":
+            return layer_self_moments(self._store(key), key.layer, self.device, _precision(key), self.memory_budget)
+        if key.kind == "cross_moments":
+            pair, options = key.store, dict(key.options)
+            precisions = options["precisions"]
+            selfs = tuple([self.get(self.key("self_moments", s, layer, precision=p)) for layer in self.layers[s]]
+                          for s, p in zip(pair, precisions, strict=True))
+            return pair_cross_moments(tuple(self.stores[s] for s in pair), tuple(self.layers[s] for s in pair),
+                                      selfs, precisions, self.device, self.memory_budget, options["terms"])
         raise ValueError(f"Statistics of kind {key.kind!r} are computed by layer_grams, not one by one.")
 
     # ------------------------------------------------------------------ helpers
@@ -282,7 +294,7 @@ class LayerStatistics:
         return self.stores[key.store]
 
     def _describe(self, key: StatisticKey) -> str:
-        if key.kind == "moments":
+        if key.kind == "cross_moments":
             return "/".join(self.stores[s].name for s in key.store)
         return f"{self._store(key).name}/{key.layer}"
 

@@ -20,7 +20,6 @@ import torch
 
 from extract.store import ActivationStore
 
-from ..accumulators.cka import LinearCKAMatrix
 from ..errors import MeasureError
 from ..functional.gram import column_means, cross_gram, linear_gram
 from ..validation import check_finite
@@ -32,7 +31,6 @@ __all__ = [
     "layer_gram",
     "layer_gram_blocks",
     "layer_grams",
-    "layer_moments",
 ]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 features held at once
@@ -286,29 +284,3 @@ def layer_gram_blocks(store: ActivationStore, layer: str, batch_size: int,
 def layer_widths(store: ActivationStore, layers: Sequence[str]) -> list[int]:
     """Flattened feature count of each layer."""
     return [int(np.prod(store.layer_shape(layer), dtype=np.int64)) for layer in layers]
-
-
-def layer_moments(store_a: ActivationStore, layers_a: Sequence[str], store_b: ActivationStore,
-                  layers_b: Sequence[str], device: torch.device,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> LinearCKAMatrix:
-    """Feature-route linear CKA moments of every layer pair, streaming both stores' rows together.
-
-    Rows are read in blocks holding at most ``memory_budget`` bytes of float64 features of all
-    the layers of both stores (whole store chunks when they fit), every layer on its own
-    read-ahead thread, and folded into one ``LinearCKAMatrix``. A store paired with itself is
-    read once.
-    """
-    n = store_a.n_samples
-    same = store_a is store_b and list(layers_a) == list(layers_b)
-    per_row = 8 * (sum(layer_widths(store_a, layers_a)) + (0 if same else sum(layer_widths(store_b, layers_b))))
-    chunk = _chunk_rows(store_a, None)
-    rows = max(1, memory_budget // max(1, per_row))
-    rows = min(n, max(chunk, rows // chunk * chunk) if rows >= chunk else rows)
-    readers = [iter_row_blocks(store_a, layer, 0, n, rows, device) for layer in layers_a]
-    if not same:
-        readers += [iter_row_blocks(store_b, layer, 0, n, rows, device) for layer in layers_b]
-    acc = LinearCKAMatrix()
-    for blocks in zip(*readers, strict=True):
-        xs = [b for _, b in blocks[:len(layers_a)]]
-        acc.update(xs, xs if same else [b for _, b in blocks[len(layers_a):]])
-    return acc

@@ -183,3 +183,20 @@ def test_cli_default_is_auto_and_runs_procrustes_on_float32_stores(stores, tmp_p
                           str(tmp_path / "refused"), "--no-plots", "--quiet", "--no-cache"])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error: ") and "--precision float64" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_auto_feature_route_over_stores_is_within_1e6_of_float64(case, tmp_path):
+    """The engine's feature route on float32 stores: float32 products summed in float64 (``auto``)
+    against float64 throughout, both estimators, every pair of the two stores."""
+    x, y = (data[:, :400] for data in CASES[case])  # the feature route's products grow as the width squared
+    stores = [write_store(tmp_path / f"{name}.zarr", name, {"layer": data, "half": data[:, ::2]}, chunk=48)
+              for name, data in (("a", x), ("b", y))]
+    measures = [("cka", {"route": "features"}), ("cka_debiased", {"route": "features"})]
+    pairs = [(0, 0), (0, 1), (1, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = Engine(stores, device="cpu").run(measures, pairs)
+        reference = Engine(stores, device="cpu", precision="float64").run(measures, pairs)
+    for got, want in zip(auto, reference, strict=True):
+        np.testing.assert_allclose(got.matrix, want.matrix, rtol=0, atol=1e-6, err_msg=f"{case} {got.measure}")

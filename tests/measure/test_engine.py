@@ -155,10 +155,15 @@ def test_feature_route_streams_with_budget_smaller_than_a_chunk(stores):
     _, a, b, made = stores
     gram = Engine(list(made[16]), device="cpu", precision="float64").run([("cka_debiased", {"route": "gram"})],
                                                                          [(0, 1)])[0].matrix
-    tiny = Engine(list(made[16]), device="cpu", memory_budget=2000)
+    tiny = Engine(list(made[16]), device="cpu", memory_budget=2000, precision="float64")
     feat = tiny.run([("cka_debiased", {"route": "features"}), ("cka", {"route": "features"})], [(0, 1)])
     np.testing.assert_allclose(feat[0].matrix, gram, atol=1e-10, rtol=0)
-    assert tiny.statistics_computed == 1  # one streamed pass gives both biased and debiased CKA
+    # each layer's own moments once, and per pair one pass of cross products shared by both estimators plus
+    # one of the fourth-order cross terms only the debiased one needs
+    assert tiny.statistics_computed == len(a) + len(b) + 2
+    auto = Engine(list(made[16]), device="cpu", memory_budget=2000).run([("cka_debiased", {"route": "features"})],
+                                                                       [(0, 1)])[0].matrix
+    np.testing.assert_allclose(auto, gram, atol=1e-6, rtol=0)  # float32 products of the float32 stores
 
 
 def test_auto_route_takes_features_for_narrow_layers(tmp_path):
