@@ -368,6 +368,7 @@ def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: a
                 compute_grams(engine, measures, client=client, storage_options=storage_options, device=args.device)
         last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
                         default=-1)
+        engine.plan(name for name, _ in measures)  # linear CKA's auto route knows which Grams are formed anyway
         for k, (name, options) in enumerate(measures):
             pairs = store_pairs(len(engine.stores), get_measure(name).symmetric)
             results.extend(engine.run([(name, options)], pairs, release=k >= last_gram))  # Grams kept for later

@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 import torch
 
-from .accumulators.cka import LinearCKAMatrix, choose_route
+from .accumulators.cka import choose_route
 from .errors import MeasureError
 from .functional.dcka import confounder_gram
 from .functional.gram import PRECISION_CHOICES, resolve_precision
+from .functional.moments import cka_from_moments, cross_moments, pair_moments, self_moments
 from .measures.base import Measure, statistic_of
 from .registry import get_measure
 from .undefined import API_ADVICE, undefined_value
@@ -74,7 +75,7 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
         check_finite(z, "confounder")
         k0 = confounder_gram(z)
     if spec.feature_route and choose_route(opts["route"], len(xm), [xm.shape[1]], [ym.shape[1]]) == "features":
-        return _compare_features(spec, xm.to(torch.float64), ym.to(torch.float64), undefined)
+        return _compare_features(spec, xm, ym, undefined)
     px = spec.prepare(statistic_of(spec, xm, opts, precision), confounder=k0, **opts)
     py = spec.prepare(statistic_of(spec, ym, opts, precision), confounder=k0, **opts)
     for label, p in (("x", px), ("y", py)):
@@ -91,12 +92,17 @@ def _data_dtype(*arrays: Any) -> str:
 
 
 def _compare_features(spec: type[Measure], x: torch.Tensor, y: torch.Tensor, undefined: str) -> float:
-    """``compare`` on the feature route: one ``LinearCKAMatrix`` update over all samples."""
-    if spec.feature_route == "cka_debiased":
+    """``compare`` on the feature route: the moments of all samples in x's and y's dtype (float32 products
+    summed in float64 for float32, as the engine's feature route), each shifted by its column means."""
+    debiased = spec.feature_route == "cka_debiased"
+    if debiased:
         check_min_samples(len(x), 4, spec.name, "unbiased HSIC")
-    acc = LinearCKAMatrix()
-    acc.update([x], [y])
-    out = acc.compute()
+    zs = [m - m.mean(dim=0, dtype=torch.float64).to(m.dtype) for m in (x, y)]
+    cross = cross_moments(zs[:1], zs[1:], "products")
+    if debiased:
+        cross.update(cross_moments(zs[:1], zs[1:], "fourth"))
+    moments = pair_moments(len(x), [self_moments(zs[0])], [self_moments(zs[1])], cross, same=False)
+    out = cka_from_moments(moments, [x.shape[1]], [y.shape[1]], debiased=debiased)
     bad_x, bad_y = out[f"{spec.feature_route}_undefined"]
     if bad_x or bad_y:
         undefined_value(spec.name, "x" if bad_x else "y", "its self-HSIC is zero or negative (a constant layer?)",

@@ -33,14 +33,18 @@ Route = Literal["auto", "gram", "features"]
 FEATURE_ROUTE_MAX_N = 8192  # above this many samples, n × n Grams (512 MiB each in float64) are avoided
 
 
-def choose_route(route: str, n: int, widths_a: Sequence[int], widths_b: Sequence[int]) -> str:
+def choose_route(route: str, n: int, widths_a: Sequence[int], widths_b: Sequence[int],
+                 grams_formed: bool = False) -> str:
     """"gram" or "features" for linear CKA between layers of widths ``widths_a`` and ``widths_b``.
 
-    Rule for ``route="auto"``: the Gram route keeps one n × n Gram per layer, S_g = n²·(L_A + L_B)
-    numbers; the feature route keeps the per-layer XᵀX, YᵀY and every cross product XᵢᵀYⱼ,
-    S_f = Σpᵢ² + Σqⱼ² + (Σpᵢ)(Σqⱼ) numbers (work is n·S_f against n·S_g/…, the same order).
-    Choose features when S_f ≤ S_g / 16 (clearly smaller), or when n > 8192 (Grams of 512 MiB
-    each) and S_f ≤ S_g; otherwise Grams.
+    Rule for ``route="auto"``. The Gram route keeps one n × n Gram per layer, S_g = n²·(L_A + L_B)
+    numbers, and forms them in about n²·(ΣP + ΣQ) multiply-adds (upper blocks only) plus several float64
+    passes over each n × n Gram; the feature route keeps the per-layer XᵀX, YᵀY and every cross product
+    XᵢᵀYⱼ, S_f = Σpᵢ² + Σqⱼ² + (Σpᵢ)(Σqⱼ) numbers, formed in n·S_f. Choose features when they take no
+    more memory (S_f ≤ S_g) and either their work is at most ¾ of the Grams' (4·S_f ≤ 3·n·(ΣP + ΣQ),
+    the crossover measured in ``benchmarks/bench_features.py``) or n > 8192 (Grams of 512 MiB each).
+    ``grams_formed``: the same Grams are formed anyway (another measure of the run needs them), so the
+    feature route would only add work: "gram".
     """
     if route not in ("auto", "gram", "features"):
         raise MeasureError(f"route must be 'auto', 'gram' or 'features', got {route!r}.")
@@ -48,7 +52,10 @@ def choose_route(route: str, n: int, widths_a: Sequence[int], widths_b: Sequence
         return route
     s_f = sum(p * p for p in widths_a) + sum(q * q for q in widths_b) + sum(widths_a) * sum(widths_b)
     s_g = n * n * (len(widths_a) + len(widths_b))
-    return "features" if 16 * s_f <= s_g or (n > FEATURE_ROUTE_MAX_N and s_f <= s_g) else "gram"
+    if grams_formed or s_f > s_g:
+        return "gram"
+    cheaper = 4 * s_f <= 3 * n * (sum(widths_a) + sum(widths_b))
+    return "features" if cheaper or n > FEATURE_ROUTE_MAX_N else "gram"
 
 
 def _as_block(x: Any, name: str, device: torch.device | None) -> torch.Tensor:

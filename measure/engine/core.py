@@ -125,6 +125,7 @@ class Engine:
         for message in self.mixed_reductions:
             warnings.warn(message + " (compared anyway: --mixed-reductions).", stacklevel=2)
         self._progress = config.progress or (lambda message: None)
+        self._planned: dict[str, Any] = {}  # measures of this engine's runs, by name (``plan``)
         self.layer_statistics = LayerStatistics(self.stores, self.layers, device=self.device,
                                                 memory_budget=config.memory_budget, precision=config.precision,
                                                 cache=config.cache, progress=self._progress)
@@ -246,7 +247,15 @@ class Engine:
         if not spec.feature_route:
             return "gram"
         widths = [layer_widths(self.stores[s], self.layers[s]) for s in (i, j)]
-        return choose_route(options.get("route", "auto"), self.stores[i].n_samples, *widths)
+        grams_formed = any(other.statistic == "gram" and not other.feature_route
+                           and all(self.gram_precision(other, s) == self.gram_precision(spec, s) for s in (i, j))
+                           for other in self._planned.values())
+        return choose_route(options.get("route", "auto"), self.stores[i].n_samples, *widths, grams_formed)
+
+    def plan(self, measures: Iterable[str]) -> None:
+        """Note the measures this engine's runs will compute (``run`` notes its own): linear CKA's ``auto``
+        route takes the Grams when another planned measure forms the same Grams anyway."""
+        self._planned.update((name, get_measure(name)) for name in measures)
 
     def _feature_matrix(self, spec: Any, i: int, j: int) -> np.ndarray:
         """The L_i × L_j matrix of a feature-route measure, from each layer's own moments (once per run,
@@ -286,6 +295,7 @@ class Engine:
         """
         results = []
         measures = [(get_measure(name), given) for name, given in measures]
+        self.plan(spec.name for spec, _ in measures)
         for spec, _ in measures:
             self.check_precision(spec)
         last_gram = max((k for k, (spec, _) in enumerate(measures) if spec.statistic == "gram"), default=-1)

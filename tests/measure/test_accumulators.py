@@ -174,6 +174,9 @@ def test_route_rule():
     assert choose_route("auto", 5000, [64, 10], [64, 10]) == "features"  # narrow layers, many samples
     assert choose_route("auto", 20000, [2000], [2000]) == "features"  # n > 8192 and S_f ≤ S_g
     assert choose_route("auto", 20000, [50000], [50000]) == "gram"  # the features would be larger still
+    wide = [1024, 1024, 64]  # the sweep of benchmarks/bench_features.py: features are faster from n ≈ 2,600
+    assert choose_route("auto", 2048, wide, wide) == "gram" and choose_route("auto", 4096, wide, wide) == "features"
+    assert choose_route("auto", 4096, wide, wide, grams_formed=True) == "gram"  # another measure forms them
     with pytest.raises(MeasureError, match="route must be"):
         choose_route("fastest", 10, [1], [1])
 

@@ -112,3 +112,16 @@ def test_a_nan_is_named_by_sample_on_the_feature_route(tmp_path):
               write_store(tmp_path / "b.zarr", "B", {"l": np.ones((60, 2)) + np.arange(60)[:, None]}, chunk=8)]
     with pytest.raises(MeasureError, match=r"between sample 41 and 41"):
         Engine(stores, device="cpu").run(MEASURES[:1], [(0, 1)])
+
+
+def test_auto_route_takes_the_grams_another_planned_measure_forms(tmp_path):
+    rng = np.random.default_rng(6)
+    layers = {k: _layers(rng, 200, [10], 0.0) for k in ("a", "b")}
+    stores = [write_store(tmp_path / f"{k}.zarr", k.upper(), layers[k], chunk=50) for k in ("a", "b")]
+    alone = Engine(stores, device="cpu").run([("cka", {})], [(0, 1)])[0]
+    assert alone.extras == {"route": "features"}  # narrow layers, many samples: the cheaper route
+    planned = Engine(stores, device="cpu")
+    planned.plan(["cka", "cka_rbf"])  # cka_rbf forms the Grams anyway
+    together = planned.run([("cka", {})], [(0, 1)])[0]
+    assert together.extras.get("route") != "features"
+    np.testing.assert_allclose(together.matrix, alone.matrix, rtol=0, atol=1e-6)
