@@ -64,8 +64,12 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
     dtype = torch.float32 if precision == "float32" and grams else torch.float64
     xm, ym = as_samples_matrix(x, "x", dtype), as_samples_matrix(y, "y", dtype)
     check_same_samples(xm, ym)
-    check_finite(xm, "x")
-    check_finite(ym, "y")
+    route = (choose_route(opts["route"], len(xm), [xm.shape[1]], [ym.shape[1]]) if spec.feature_route
+             else "gram")
+    on_gram = spec.statistic == "gram" and route == "gram"  # NaN/Inf then show on the Gram's diagonal
+    if not on_gram:
+        check_finite(xm, "x")
+        check_finite(ym, "y")
     k0 = None
     if spec.needs_confounder:
         if confounder is None:
@@ -74,14 +78,37 @@ def compare(x: Any, y: Any, name: str = "cka", *, confounder: Any = None,
         check_same_samples(xm, z, ("x", "confounder"))
         check_finite(z, "confounder")
         k0 = confounder_gram(z)
-    if spec.feature_route and choose_route(opts["route"], len(xm), [xm.shape[1]], [ym.shape[1]]) == "features":
+    if route == "features":
         return _compare_features(spec, xm, ym, undefined)
-    px = spec.prepare(statistic_of(spec, xm, opts, precision), confounder=k0, **opts)
-    py = spec.prepare(statistic_of(spec, ym, opts, precision), confounder=k0, **opts)
+    prepared = []
+    for label, m in (("x", xm), ("y", ym)):
+        statistic = statistic_of(spec, m, opts, precision)
+        if on_gram:
+            _check_gram_diagonal(statistic, m, label, precision)
+        prepared.append(spec.prepare(statistic, confounder=k0, **opts))
+        del statistic
+    px, py = prepared
     for label, p in (("x", px), ("y", py)):
         if not getattr(p, "defined", True):
             undefined_value(name, label, p.reason, undefined, advice=API_ADVICE)
     return float(spec.pair_matrix([px], [py])[0, 0])
+
+
+def _check_gram_diagonal(gram: torch.Tensor, x: torch.Tensor, label: str, precision: str) -> None:
+    """Raise unless K = X Xᵀ is finite, checked on its diagonal (one host sync; a scan of X costs more).
+
+    K[i, i] = ‖x_i‖² is NaN or Inf when row i holds a NaN or an Inf (and the float32 scheme's column
+    shift spreads one to every row), so a finite diagonal clears X; otherwise X is scanned to name the
+    samples, and when it holds none the float32 products overflowed.
+    """
+    if bool(torch.isfinite(torch.diagonal(gram)).all()):
+        return
+    check_finite(x, label)
+    if precision == "float32":
+        raise MeasureError(f"The Gram of {label} overflows in float32 products (activations beyond ~1e17 in "
+                           "magnitude); pass precision='float64'.")
+    raise MeasureError(f"The Gram of {label} overflows float64 (activations beyond ~1e154 in magnitude); rescale "
+                       "it before measuring.")
 
 
 def _data_dtype(*arrays: Any) -> str:

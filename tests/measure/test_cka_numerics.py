@@ -212,8 +212,18 @@ def test_bad_input_errors_name_the_problem():
     bad = x.copy()
     bad[7, 2] = np.nan
     bad[9, 0] = np.inf
-    with pytest.raises(MeasureError, match=r"x holds NaN or Inf in 2 sample\(s\), between sample 7 and 9"):
-        compare(bad, y, "cka")
+    for name, route in [("cka", "gram"), ("cka", "features"), ("cka_rbf", None), ("cka_debiased", "gram")]:
+        for data in (bad, bad.astype(np.float32)):  # float64, and the float32 scheme (auto)
+            kw = {"route": route} if route else {}
+            with pytest.raises(MeasureError, match=r"x holds NaN or Inf in 2 sample\(s\), between sample 7 and 9"):
+                compare(data, y, name, **kw)
+            with pytest.raises(MeasureError, match=r"y holds NaN or Inf in 2 sample\(s\)"):
+                compare(y, data, name, **kw)
+    # finite activations whose float32 products overflow: named, with the fix
+    huge = (x * 1e20).astype(np.float32)
+    with pytest.raises(MeasureError, match=r"Gram of x overflows in float32 products.*precision='float64'"):
+        compare(huge, y.astype(np.float32), "cka", route="gram")
+    assert np.isfinite(compare(huge, y.astype(np.float32), "cka", route="gram", precision="float64"))
     with pytest.raises(MeasureError, match="shape"):
         compare(x[:, 0], y, "cka")
 
