@@ -45,8 +45,9 @@ def _cka_debiased_prepare(gram: torch.Tensor) -> Prepared:
     # HSIC₁ of a linear kernel is translation invariant and H K H = Xc Xcᵀ, so the centred Gram gives
     # the same value while avoiding the cancellation of large uncentred entries (activations with a mean).
     centered = center_gram(gram)
-    v, w = unbiased_hsic_vectors(centered)
-    return normalized(v, w, _debiased_scale(gram, centered), "unbiased HSIC(K, K)", zero_reason=_SINGLE_SAMPLE)
+    scale = _debiased_scale(gram, centered)
+    v, w = unbiased_hsic_vectors(centered, inplace=True)  # the centred Gram is this function's own
+    return normalized(v, w, scale, "unbiased HSIC(K, K)", zero_reason=_SINGLE_SAMPLE)
 
 
 _SINGLE_SAMPLE = "the layer is constant, or differs from a constant in a single sample"
@@ -56,7 +57,7 @@ def _debiased_scale(gram: torch.Tensor, centered: torch.Tensor) -> torch.Tensor:
     """Magnitude for ``normalized``'s threshold: ‖K‖²/n² for a constant layer (second-order round-off of
     the centring), and ‖HKH‖²/n² · CANCELLATION_RTOL / UNDEFINED_RTOL for the first-order round-off of HSIC₁."""
     n = gram.shape[0]
-    raw, cen = torch.sum(gram * gram), torch.sum(centered * centered)
+    raw, cen = (torch.dot(m.reshape(-1), m.reshape(-1)) for m in (gram, centered))  # ‖K‖², ‖HKH‖², no copies
     return torch.maximum(raw, cen * (CANCELLATION_RTOL / UNDEFINED_RTOL)) / n**2
 
 

@@ -308,7 +308,7 @@ def rbf_gram(gram: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.exp(-dist / (2 * sigma2))
 
 
-def unbiased_hsic_vectors(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unbiased_hsic_vectors(gram: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectors v(K), w(K) with ⟨v(K), w(L)⟩ = HSIC₁(K, L), Song et al. (JMLR 2012) eq. 5.
 
     With K̂ the Gram with zeroed diagonal, u = K̂1 and s = 1ᵀK̂1,
@@ -317,15 +317,16 @@ def unbiased_hsic_vectors(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
     so v = [vec K̂, s, u] and w = [vec K̂, s/((n−1)(n−2)), −2/(n−2) · u] / (n(n−3)).
     The estimator is bilinear, hence one matrix product gives every layer pair,
-    and sums over minibatches are concatenations. Needs n ≥ 4.
+    and sums over minibatches are concatenations. Needs n ≥ 4. ``inplace``: zero the diagonal of
+    ``gram`` itself (a matrix the caller made for this) instead of a copy's.
     """
     n = gram.shape[0]
     check_min_samples(n, 4, "Unbiased HSIC")
-    k_hat = gram.clone()
+    k_hat = gram if inplace else gram.clone()
     k_hat.fill_diagonal_(0)
     u = k_hat.sum(dim=1)
     s = u.sum().reshape(1)
     scale = 1.0 / (n * (n - 3))
     v = torch.cat([k_hat.reshape(-1), s, u])
-    w = torch.cat([k_hat.reshape(-1), s / ((n - 1) * (n - 2)), u * (-2.0 / (n - 2))]) * scale
+    w = torch.cat([k_hat.reshape(-1), s / ((n - 1) * (n - 2)), u * (-2.0 / (n - 2))]).mul_(scale)
     return v, w
