@@ -8,8 +8,10 @@ Extraction table, per model (6 layers each): the time of ``extract.extract`` (ho
 background chunk writer, a fresh store each repeat) next to bare forward passes over the same
 DataLoader batches under ``torch.inference_mode()`` (no hooks, nothing kept), the ratio of the two
 (target ≤ 1.25×), the CPU time of the process for both (all threads: the extra CPU that extraction
-costs, whatever the machine's load), the uncompressed bytes written per second and the on-disk size. Each time is the
-fastest of ``--repeats`` interleaved runs (the least disturbed by other load on the machine).
+costs, whatever the machine's load), the uncompressed bytes written per second, the on-disk size, and the
+on-disk bytes per second of extraction next to the disk's own rate for the same files (a plain copy of the store,
+best of 3). Each time is the fastest of ``--repeats`` interleaved runs (the least disturbed by other load on the
+machine).
 
 * demo-sized: ``extract.demo.DigitsCNN`` (width 16) on scikit-learn's 1,797 digits, 6 layers.
 * larger: a VGG-style CNN (widths 64-128-256-256) on digits upsampled to 32×32, the images and their
@@ -111,10 +113,25 @@ def timed_extract(model: nn.Module, data: torch.Tensor, batch_size: int,
     return seconds, cpu, result.bytes_written, on_disk
 
 
+def copy_rate(folder: Path) -> float:
+    """The disk's own rate for the store just written: MB of its files per second of a plain copy, best of 3."""
+    path = folder / "bench.zarr"
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    best = float("inf")
+    for _ in range(3):
+        target = folder / "bench-copy.zarr"
+        shutil.rmtree(target, ignore_errors=True)
+        started = time.perf_counter()
+        shutil.copytree(path, target)
+        best = min(best, time.perf_counter() - started)
+    shutil.rmtree(folder / "bench-copy.zarr", ignore_errors=True)
+    return size / MB / best
+
+
 def extraction_table(quick: bool, repeats: int, folder: Path) -> list[str]:
     rows = ["| model | samples | MB/sample | bare forward s | extract s | ratio | bare CPU s | extract CPU s | "
-            "write MB/s | on disk MB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "write MB/s | on disk MB | on-disk MB/s (of a plain copy) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     for title, model, data, batch_size in cases(quick):
         bare_forward(model, data[:batch_size], batch_size)  # warm-up
@@ -125,8 +142,10 @@ def extraction_table(quick: bool, repeats: int, folder: Path) -> list[str]:
             seconds, cpu, raw, disk = timed_extract(model, data, batch_size, folder)
             ext.append((seconds, cpu))
         (b, b_cpu), (e, e_cpu) = min(bare), min(ext)
+        copy = copy_rate(folder)
         rows.append(f"| {title} | {len(data)} | {raw / len(data) / MB:.3f} | {b:.2f} | {e:.2f} | {e / b:.2f}x | "
-                    f"{b_cpu:.2f} | {e_cpu:.2f} | {raw / MB / e:.0f} | {disk / MB:.1f} |")
+                    f"{b_cpu:.2f} | {e_cpu:.2f} | {raw / MB / e:.0f} | {disk / MB:.1f} | "
+                    f"{disk / MB / e:.0f} ({disk / MB / e / copy:.0%} of {copy:.0f}) |")
         print(rows[-1], flush=True)
     return rows
 
