@@ -123,7 +123,8 @@ def test_cli_server_stopped_mid_measure_then_rerun_completes(zoos, s3, tmp_path,
 
     remote, local = zoos
     results = f"s3://{BUCKET}/results"
-    args = ["measure", remote, "--measures", "cka", "--out", results, "--no-plots", "--quiet"]
+    # the Gram route (the narrow layers' auto route would take moments): what is cached per layer
+    args = ["measure", remote, "--measures", "cka(route=gram)", "--out", results, "--no-plots", "--quiet"]
     layers_read: set = set()
     original = ZarrStore.read
 
@@ -166,8 +167,8 @@ def test_cli_server_stopped_mid_measure_then_rerun_completes(zoos, s3, tmp_path,
     fs.invalidate_cache()
     local_out = tmp_path / "from_s3"
     fs.get(f"{BUCKET}/results/", str(local_out) + "/", recursive=True)
-    assert main(["measure", str(local), "--measures", "cka", "--out", str(tmp_path / "local_out"), "--no-plots",
-                 "--quiet", "--no-cache"]) == 0
+    assert main(["measure", str(local), "--measures", "cka(route=gram)", "--out", str(tmp_path / "local_out"),
+                 "--no-plots", "--quiet", "--no-cache"]) == 0
     capsys.readouterr()
     for pair in ("m0__m1", "m0__m2", "m1__m2", "m0__m0"):
         _, _, got = read_matrix_csv(local_out / "cka" / f"{pair}.csv")
