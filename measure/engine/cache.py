@@ -48,6 +48,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 import uuid
 import warnings
 from dataclasses import asdict
@@ -204,7 +205,10 @@ class StatisticsCache:
 
     def __init__(self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
                  read_only: bool = False) -> None:
-        self.path = str(path)
+        path = str(path)
+        if path.startswith("file://"):  # a local folder, written as one (aside, then renamed into place)
+            path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+        self.path = path
         self.storage_options = storage_options
         self.read_only = read_only
         self.hits = 0

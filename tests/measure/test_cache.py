@@ -334,3 +334,17 @@ def test_scalar_entries_and_rewritten_entries(tmp_path):
     assert cache.contains(store, "0")  # remembered for the get that follows...
     cache.put(store, "0", value + 1)  # ...but the entry is rewritten before it
     np.testing.assert_array_equal(cache.get(store, "0"), value + 1)
+
+
+def test_cli_cache_given_as_a_file_url_is_written_and_reused(tmp_path, capsys):
+    from pipeline import main
+
+    make_zoo(tmp_path / "zoo", [0, 1])
+    url = (tmp_path / "url cache.zarr").as_uri()  # file:///.../url%20cache.zarr
+    args = ["measure", str(tmp_path / "zoo"), "--measures", "cka(route=gram)", "--out", str(tmp_path / "r"),
+            "--no-plots", "--no-report", "--cache", url]
+    assert main(args) == 0
+    assert "Could not write" not in capsys.readouterr().err
+    assert len(StatisticsCache(tmp_path / "url cache.zarr").entries()) == 4
+    assert main(args) == 0
+    assert "statistics: 0 computed, 4 reused" in capsys.readouterr().out
