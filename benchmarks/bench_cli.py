@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_cli.py            # n = 2048, WideCNN width 32, 5 layers, batch 256, 2 rounds
     .venv/bin/python benchmarks/bench_cli.py --quick    # n = 512, width 8, one round
+    .venv/bin/python benchmarks/bench_cli.py --env MALLOC_MMAP_MAX_=0 --env MALLOC_TRIM_THRESHOLD_=2147483647
 
 The two random-init ``WideCNN`` models (seeds 0 and 1) and the 2,048 inputs of ``bench_measure.py``, saved as
 state dicts and a ``.pt`` tensor. Each row is the fastest of ``--rounds`` runs; every run is a new process
@@ -16,6 +17,9 @@ timed from outside (imports included), so the columns add up to what a user wait
 * ``pipeline.py measure --no-cache --no-plots --no-report`` on the two stores: exact ``cka`` with the default
   precision (``auto``: float32 products for these float32 stores), with ``--precision float64``, and
   ``cka_minibatch(batch_size=256)`` (Nguyen et al.'s minibatch CKA over simtorch's batches).
+
+``--env KEY=VALUE`` (repeatable) sets a variable in every process of the run, simtorch's, the bare forward
+and ours alike (for example glibc's allocator settings, see ``benchmarks/README.md``).
 
 Printed: the step times, then each route end to end (extract + measure) with its speed relative to simtorch's
 whole process (``×``, higher is faster) and to its ``compute`` alone, and extract against the bare forward.
@@ -94,12 +98,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--quick", action="store_true", help="n = 512, width 8, one round")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for every process of the run (repeatable)")
     args = parser.parse_args()
+    if any("=" not in item for item in args.env):
+        parser.error(f"--env takes KEY=VALUE, got {[item for item in args.env if '=' not in item]}")
+    extra_env = dict(item.split("=", 1) for item in args.env)
     if args.quick:
         args.n_samples, args.width, args.rounds = 512, 8, 1
     python = args.venv / "bin" / "python"
     have_simtorch = _has_simtorch021(python)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
+    env = {**os.environ, **extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_model_pair(work, args.n_samples, args.width)
@@ -118,7 +127,8 @@ def main() -> None:
                        "batch_size": args.batch_size, "device": "cpu", "layers": LAYERS,
                        "out": str(work / "simtorch.json")}
                 (work / "job.json").write_text(json.dumps(job))
-                clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+                clean = {k: v for k, v in {**os.environ, **extra_env}.items()
+                         if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
                 wall, _ = timed([str(python), str(HERE / "_simtorch021_runner.py"), str(work / "job.json")], clean)
                 compute = json.loads((work / "simtorch.json").read_text())["seconds"]
                 rows["simtorch"] = min(rows.get("simtorch", (float("inf"), "")), (wall, str(compute)))
@@ -150,7 +160,7 @@ def main() -> None:
     sim_compute = float(rows["simtorch"][1]) if have_simtorch else float("nan")
     print(f"n = {args.n_samples}, WideCNN width {args.width}, layers {', '.join(LAYERS)}, batch {args.batch_size}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.2f}; "
-          f"fastest of {args.rounds}\n")
+          f"fastest of {args.rounds}; environment {' '.join(args.env) or 'as is'}\n")
     print("| step (a fresh process each) | wall s | note |\n|---|---:|---|")
     if have_simtorch:
         print(f"| simtorch 0.2.1 `CKA.compute`, batch {args.batch_size} | {sim_wall:.2f} | its compute alone "
