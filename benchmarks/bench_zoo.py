@@ -23,7 +23,7 @@ baseline of a child that only imports torch and simtorch. Rows:
   (Skipped with a note when that venv is missing.)
 
 Then the Gram kernel alone on synthetic float32 stores of growing n × width with a fixed
-``memory_budget``: ``measure.statistics.layer_gram`` (blocked, out of core once X no longer fits the
+``memory_budget``: ``measure.engine.streaming.layer_gram`` (blocked, out of core once X no longer fits the
 budget) next to a plain ``torch.matmul(X, X.T)`` of the same float64 matrix held in memory, in
 GFLOP/s (2·n²·p flop) and peak memory.
 """
