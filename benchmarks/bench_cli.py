@@ -101,14 +101,15 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for every process of the run (repeatable)")
     args = parser.parse_args()
-    if any("=" not in item for item in args.env):
-        parser.error(f"--env takes KEY=VALUE, got {[item for item in args.env if '=' not in item]}")
-    extra_env = dict(item.split("=", 1) for item in args.env)
+    malformed = [item for item in args.env if "=" not in item]
+    if malformed:
+        parser.error(f"--env takes KEY=VALUE, got {malformed}")
+    environ = {**os.environ, **dict(item.split("=", 1) for item in args.env)}  # every process of the run
     if args.quick:
         args.n_samples, args.width, args.rounds = 512, 8, 1
     python = args.venv / "bin" / "python"
     have_simtorch = _has_simtorch021(python)
-    env = {**os.environ, **extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
+    env = {**environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_model_pair(work, args.n_samples, args.width)
@@ -127,8 +128,7 @@ def main() -> None:
                        "batch_size": args.batch_size, "device": "cpu", "layers": LAYERS,
                        "out": str(work / "simtorch.json")}
                 (work / "job.json").write_text(json.dumps(job))
-                clean = {k: v for k, v in {**os.environ, **extra_env}.items()
-                         if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+                clean = {k: v for k, v in environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
                 wall, _ = timed([str(python), str(HERE / "_simtorch021_runner.py"), str(work / "job.json")], clean)
                 compute = json.loads((work / "simtorch.json").read_text())["seconds"]
                 rows["simtorch"] = min(rows.get("simtorch", (float("inf"), "")), (wall, str(compute)))
