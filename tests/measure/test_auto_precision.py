@@ -141,22 +141,25 @@ def _measures(names):
 
 def test_engine_auto_uses_float32_grams_for_float32_stores_and_float64_for_the_rest(stores):
     measures = _measures(KERNEL + FLOAT64_ONLY)
-    auto = Engine(stores["float32"], device="cpu", memory_budget=N * 1000 * 8)  # blocked Grams for "h"
+    budget = N * 1000 * 8  # blocked Grams for "h"
+    auto = Engine(stores["float32"], device="cpu", memory_budget=budget)
     assert auto.precision == "auto"
-    reference = Engine(stores["float32"], device="cpu", precision="float64")
+    # the same budget: the same row blocks, so the float64 Grams are the same products summed in the same order
+    reference = Engine(stores["float32"], device="cpu", precision="float64", memory_budget=budget)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = auto.run(measures, [(0, 1)], release=False)
         want = reference.run(measures, [(0, 1)])
     for g, w in zip(got, want, strict=True):
-        if g.measure in FLOAT64_ONLY:  # silently float64 under auto: the very same Grams
+        if g.measure in FLOAT64_ONLY:  # silently float64 under auto: the very same Grams, bit for bit
             np.testing.assert_array_equal(g.matrix, w.matrix, err_msg=g.measure)
         else:
             np.testing.assert_allclose(g.matrix, w.matrix, rtol=0, atol=1e-6, err_msg=g.measure)
     held = {dict(key.options)["precision"] for key in auto.layer_statistics.held("gram")}
     assert held == {"float32", "float64"}  # kernel measures on float32 Grams, the others on float64 ones
-    # float64 stores: float64 Grams under auto, equal to an explicit float64 run
-    auto64 = Engine(stores["float64"], device="cpu")
+    # float64 stores: float64 Grams under auto, equal to an explicit float64 run (same budget, same blocks; the
+    # float32 data widen to float64 exactly, so the products are the same numbers in the same order)
+    auto64 = Engine(stores["float64"], device="cpu", memory_budget=budget)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cka = auto64.run(_measures(["cka"]), [(0, 1)], release=False)[0]
