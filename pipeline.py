@@ -1,11 +1,7 @@
 #!/usr/bin/env python
-"""simtorch command line: ``extract`` activations to stores, ``measure`` similarities between them.
+"""simtorch's command line: wires the ``extract`` and ``measure`` command modules into one parser.
 
-    python pipeline.py extract            # the embedded demo zoo -> data/activations/
-    python pipeline.py measure            # every demo store against every other -> data/results/
-
-Each subcommand has ``<name>_command_parser(subparsers=None)`` and
-``<name>_command(args)``; command bodies only call library entry points.
+The text users see is ``DESCRIPTION`` and ``EPILOG``.
 """
 
 from __future__ import annotations
@@ -40,10 +36,31 @@ __all__ = [
 ]
 
 
+DESCRIPTION = """\
+Compare the layers of neural networks: extract each model's activations once, then measure
+the similarity of every pair of layers across any number of models.
+
+commands:
+  extract   run models over a dataset and write their layer activations to stores
+  measure   compare the layers of stores with similarity measures (CKA, Procrustes, CCA...)
+  info      describe one store: model, layers, shapes, samples, size on disk
+  ls        list the stores in a folder, grouped by the data they were extracted from
+"""
+
+EPILOG = """\
+demo (trains a small zoo of digit CNNs, extracts it, compares every pair -> data/results/):
+  python pipeline.py extract && python pipeline.py measure
+
+`python pipeline.py COMMAND --help` lists a command's options; the full guide is docs/cli.md.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simtorch", description=__doc__,
+    """The ``pipeline.py`` parser: the four commands registered as subparsers."""
+    parser = argparse.ArgumentParser(prog="pipeline.py", usage="python pipeline.py COMMAND [options]",
+                                     description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(title="commands")
+    subparsers = parser.add_subparsers(prog="python pipeline.py", metavar="COMMAND", help=argparse.SUPPRESS)
     extract_command_parser(subparsers)
     measure_command_parser(subparsers)
     info_command_parser(subparsers)

@@ -4,7 +4,9 @@
 ``subparsers`` with ``set_defaults(func=measure_command)``); ``measure_command(args)`` runs it:
 the flags become one ``EngineConfig`` (``engine_config``), the ``Engine`` measures every pair of
 stores, ``measure.inference`` adds p-values or bootstrap bounds, and ``measure.report`` writes
-the CSVs, heatmaps, manifest and HTML page. Each step is one small function below.
+the results table, per-pair CSVs and heatmaps (``--pair-csvs``, ``--plots``: every pair up to
+``AUTO_MAX_STORES`` stores by default), the manifest and the HTML page. Each step is one small
+function below.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ if TYPE_CHECKING:
 # zarr); the command bodies import the engine, stores and report where they use them.
 
 __all__ = [
+    "AUTO_MAX_STORES",
     "add_measure_arguments",
     "engine_config",
     "find_stores",
     "measure_command",
     "measure_command_parser",
     "parse_measure",
+    "per_pair_files",
     "run_measure",
     "store_pairs",
 ]
@@ -47,6 +51,7 @@ __all__ = [
 DEFAULT_MEASURES = ["cka", "cka_debiased", "cka_rbf", "dcka"]
 DEFAULT_STORES = Path("data/activations")
 DEFAULT_OUT = Path("data/results")
+AUTO_MAX_STORES = 6  # --plots / --pair-csvs auto: per-pair files up to this many stores (the report's detail limit)
 
 MEASURE_EXAMPLE = """\
 examples:
@@ -98,7 +103,14 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
                              "float64 stores and for procrustes, cca, svcca, linreg (which refuse float32)")
     parser.add_argument("--undefined", choices=["raise", "nan"], default="raise",
                         help="undefined values (constant layers...): stop with an error, or write NaN")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
+    parser.add_argument("--plots", choices=["auto", "all", "none"], default="auto",
+                        help=f"PNG heatmap per pair: auto (default) = every pair with at most {AUTO_MAX_STORES} "
+                             f"stores, none beyond (zoos: report.html draws any pair on demand)")
+    parser.add_argument("--no-plots", dest="plots", action="store_const", const="none",
+                        help="skip the PNG heatmaps (same as --plots none)")
+    parser.add_argument("--pair-csvs", choices=["auto", "all", "none"], default="auto",
+                        help=f"one CSV matrix per pair beside the results table: auto (default) = with at most "
+                             f"{AUTO_MAX_STORES} stores, none beyond")
     parser.add_argument("--list-measures", action="store_true", help="print the measures and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--reduce", nargs="+", metavar="RULE",
@@ -383,7 +395,7 @@ def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: a
 def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[ZarrStore],
                    paths: Sequence[Path | str], args: argparse.Namespace,
                    storage_options: dict[str, Any] | None) -> tuple[Path | str, Path | str]:
-    """Write the results (CSV, PNG, manifest, report) to ``--out``; returns (manifest, folder).
+    """Write the results (table, CSVs, PNGs, manifest, report) to ``--out``; returns (manifest, folder).
 
     Results for a URL are written to a local staging folder, then uploaded.
     """
@@ -396,7 +408,9 @@ def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[Z
     out = Path(staging.name) if staging else Path(args.out or DEFAULT_OUT)
     store_meta = _store_meta(engine, stores, paths)
     manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
-                             plots=not args.no_plots, extra={"precision": engine.precision})
+                             plots=per_pair_files(getattr(args, "plots", "auto"), len(stores)),
+                             matrices=per_pair_files(getattr(args, "pair_csvs", "auto"), len(stores)),
+                             extra={"precision": engine.precision})
     if not getattr(args, "no_report", False):
         _write_report(results, out, store_meta, engine, manifest, args)
     if staging is None:
@@ -404,6 +418,12 @@ def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[Z
     upload_folder(out, out_url, storage_options)
     staging.cleanup()
     return f"{out_url.rstrip('/')}/{Path(manifest).name}", out_url
+
+
+def per_pair_files(choice: str, n_stores: int) -> bool:
+    """Whether ``--plots`` / ``--pair-csvs`` ``choice`` (auto, all, none) writes one file per pair for ``n_stores``
+    stores: auto does up to ``AUTO_MAX_STORES`` stores, where report.html shows every pair's heatmap."""
+    return choice == "all" or (choice == "auto" and n_stores <= AUTO_MAX_STORES)
 
 
 def _store_meta(engine: Engine, stores: Sequence[ZarrStore], paths: Sequence[Path | str]) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Writing results: CSV matrices with layer headers, heatmaps (``heatmaps``), and a JSON manifest.
+"""Writing results: the tidy results table, CSV matrices with layer headers, heatmaps (``heatmaps``),
+and a JSON manifest.
 
 Every file is written to a temporary name and renamed into place, and the
 manifest is written last, so a run killed half-way leaves no file that looks
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -22,12 +24,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .heatmaps import heatmap_png
+from .heatmaps import Heatmaps
 
 if TYPE_CHECKING:
     from ..engine.results import PairResult
 
-__all__ = ["atomic_write_bytes", "check_file_names", "file_names", "matrix_csv", "read_matrix_csv", "write_results"]
+__all__ = ["TABLE_GZIP_ROWS", "atomic_write_bytes", "check_file_names", "file_names", "matrix_csv",
+           "read_matrix_csv", "read_results_table", "results_table", "table_columns", "write_results"]
+
+TABLE_GZIP_ROWS = 100_000
+"""Results tables of more rows than this are written gzip-compressed (``results.csv.gz``), smaller ones
+as plain ``results.csv``."""
+
+TABLE_KEYS = ["measure", "store_a", "layer_a", "store_b", "layer_b", "value"]
+# The inference matrices (``PairResult.inference``) as table columns, in this order; others keep their key.
+STATISTIC_COLUMNS = {"pvalues": "pvalue", "pvalues_fwer": "pvalue_fwer", "ci_low": "ci_low", "ci_high": "ci_high"}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -112,57 +123,155 @@ def read_matrix_csv(path: str | Path) -> tuple[list[str], list[str], np.ndarray]
     return names, cols, matrix
 
 
+def _statistic_keys(results: Sequence[PairResult]) -> list[str]:
+    """The keys of the inference matrices of ``results`` (shaped like their matrix), known ones first."""
+    keys = {k for r in results for k, v in r.inference.items()
+            if isinstance(v, np.ndarray) and v.shape == r.matrix.shape}
+    return [k for k in STATISTIC_COLUMNS if k in keys] + sorted(keys - set(STATISTIC_COLUMNS))
+
+
+def table_columns(results: Sequence[PairResult]) -> list[str]:
+    """The header of the results table of ``results`` (``results_table``)."""
+    return [*TABLE_KEYS, *(STATISTIC_COLUMNS.get(k, k) for k in _statistic_keys(results)), "mirrored"]
+
+
+def results_table(results: Sequence[PairResult]) -> tuple[list[str], list[list[Any]]]:
+    """The tidy results table: (header, rows), one row per (measure, store_a, layer_a, store_b, layer_b).
+
+    Each row holds one entry of a result's matrix: ``value`` = ``matrix[i, j]`` with ``layer_a`` =
+    ``rows[i]`` and ``layer_b`` = ``cols[j]``, then the inference statistics at ``[i, j]`` (``pvalue``,
+    ``pvalue_fwer``, ``ci_low``, ``ci_high``; empty for a result without them), then ``mirrored``.
+    A symmetric measure is computed for one order of each pair of different stores; the table holds
+    the other order too, as the transposed entries with ``mirrored`` True, so that every
+    (measure, store_a, store_b) has its rows. ``mirrored`` is False for every computed entry.
+    """
+    keys = _statistic_keys(results)
+    rows: list[list[Any]] = []
+    for r in results:
+        stats = [r.inference.get(k) for k in keys]
+        stats = [v if isinstance(v, np.ndarray) and v.shape == r.matrix.shape else None for v in stats]
+        grids = [np.asarray(r.matrix, dtype=np.float64).tolist(),
+                 *(np.asarray(v, dtype=np.float64).tolist() if v is not None else None for v in stats)]
+        orders = [(r.store_a, r.rows, r.store_b, r.cols, False)]
+        if r.spec.symmetric and r.store_a != r.store_b:
+            orders.append((r.store_b, r.cols, r.store_a, r.rows, True))
+        for store_a, layers_a, store_b, layers_b, mirrored in orders:
+            for i, layer_a in enumerate(layers_a):
+                for j, layer_b in enumerate(layers_b):
+                    at = (j, i) if mirrored else (i, j)
+                    rows.append([r.measure, store_a, layer_a, store_b, layer_b,
+                                 *(g[at[0]][at[1]] if g is not None else None for g in grids), mirrored])
+    return table_columns(results), rows
+
+
+def _table_csv(header: list[str], rows: list[list[Any]]) -> bytes:
+    """CSV of the table: floats as ``repr`` (the shortest text that reads back to the same float; ``nan``,
+    ``inf``), missing statistics as empty fields, ``mirrored`` as ``True`` / ``False``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[repr(v) if isinstance(v, float) else ("" if v is None else v) for v in row] for row in rows])
+    return buf.getvalue().encode()
+
+
+def _write_table(results: Sequence[PairResult], out: Path) -> dict[str, Any]:
+    """Write ``results.csv`` (``results.csv.gz`` above ``TABLE_GZIP_ROWS`` rows); returns its manifest entry."""
+    header, rows = results_table(results)
+    data = _table_csv(header, rows)
+    name = "results.csv"
+    if len(rows) > TABLE_GZIP_ROWS:
+        name, data = "results.csv.gz", gzip.compress(data, compresslevel=6, mtime=0)
+    for stale in ("results.csv", "results.csv.gz"):  # a table of an earlier run in the same folder
+        if stale != name:
+            (out / stale).unlink(missing_ok=True)
+    atomic_write_bytes(out / name, data)
+    return {"path": name, "format": "csv.gz" if name.endswith(".gz") else "csv", "rows": len(rows),
+            "columns": header}
+
+
+def read_results_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(header, rows as dicts) of a table written by ``write_results`` (``.csv`` or ``.csv.gz``).
+
+    Values and statistics read back as floats (None where empty), ``mirrored`` as bool. With pandas:
+    ``pd.read_csv(path)``.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = []
+        for line in reader:
+            row: dict[str, Any] = dict(zip(header, line, strict=True))
+            for key in header[len(TABLE_KEYS) - 1:-1]:
+                row[key] = float(row[key]) if row[key] != "" else None
+            row["mirrored"] = row["mirrored"] == "True"
+            rows.append(row)
+    return header, rows
+
+
 def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dict[str, dict[str, Any]],
-                  device: str, plots: bool = True, extra: dict[str, Any] | None = None) -> Path:
-    """Write one CSV (and PNG) per result and ``manifest.json`` listing them; returns the manifest path."""
+                  device: str, plots: bool = True, matrices: bool = True,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write the results table (``results_table``), one CSV per result (``matrices``) and its heatmap
+    (``plots``), and ``manifest.json`` listing them; returns the manifest path."""
     from extract import __version__
 
     out = Path(out)
     names = check_file_names([*stores, *(n for r in results for n in (r.store_a, r.store_b))])
-    entries = [_write_result(r, out, plots, names) for r in results]
+    table = _write_table(results, out)
+    with Heatmaps() as heatmaps:
+        entries = [_write_result(r, out, heatmaps if plots else None, matrices, names) for r in results]
     manifest = {
         "simtorch": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
-        "stores": stores, "results": entries, **(extra or {}),
+        "table": table, "stores": stores, "results": entries, **(extra or {}),
     }
     path = out / "manifest.json"
     atomic_write_bytes(path, json.dumps(manifest, indent=2, default=_json_default).encode())
     return path
 
 
-def _write_result(r: PairResult, out: Path, plots: bool, names: dict[str, str]) -> dict[str, Any]:
-    """Write the files of one result (CSV, PNG, inference CSVs); returns its manifest entry.
+def _write_result(r: PairResult, out: Path, heatmaps: Heatmaps | None, matrices: bool,
+                  names: dict[str, str]) -> dict[str, Any]:
+    """Write the files of one result (CSV and inference CSVs with ``matrices``, PNG with ``heatmaps``);
+    returns its manifest entry, which names the files written (``csv``, ``png``, ``statistics``).
 
     ``names`` maps each store name to its file-name part (``file_names``).
     """
     stem = f"{_safe(r.measure)}/{names[r.store_a]}__{names[r.store_b]}"
-    csv_path = out / f"{stem}.csv"
-    atomic_write_bytes(csv_path, matrix_csv(r))
     entry: dict[str, Any] = {
         "measure": r.measure, "options": r.options, "store_a": r.store_a, "store_b": r.store_b,
-        "rows": r.rows, "cols": r.cols, "csv": str(csv_path.relative_to(out)),
+        "rows": r.rows, "cols": r.cols,
         "symmetric": r.spec.symmetric, "kind": r.spec.kind, "range": list(r.spec.value_range),
         "reference": r.spec.reference,
         "note": "" if r.spec.symmetric else "asymmetric measure: the full matrix, rows = store_a, not symmetrised",
     }
-    if plots:
+    if matrices:
+        csv_path = out / f"{stem}.csv"
+        atomic_write_bytes(csv_path, matrix_csv(r))
+        entry["csv"] = str(csv_path.relative_to(out))
+    if heatmaps is not None:
         png_path = out / f"{stem}.png"
-        atomic_write_bytes(png_path, heatmap_png(r))
+        atomic_write_bytes(png_path, heatmaps.png(r))
         entry["png"] = str(png_path.relative_to(out))
     if r.extras:
         entry["extras"] = r.extras
     if r.inference:  # measure.inference: p-values, bootstrap bounds beside the matrix
-        entry["statistics"], entry["statistics_options"] = _write_inference(r, out, stem)
+        entry["statistics"], entry["statistics_options"] = _write_inference(r, out, stem, matrices)
     return entry
 
 
-def _write_inference(r: PairResult, out: Path, stem: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """({name: CSV path} of the matrices of ``r.inference``, its other settings), the CSVs written beside ``r``'s."""
+def _write_inference(r: PairResult, out: Path, stem: str,
+                     matrices: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """({name: CSV path} of the matrices of ``r.inference``, its other settings), the CSVs written beside ``r``'s
+    (with ``matrices``; the table holds them in any case)."""
     files, settings = {}, {}
     for key, value in r.inference.items():
         if isinstance(value, np.ndarray) and value.shape == r.matrix.shape:
-            stat_path = out / f"{stem}.{_safe(key)}.csv"
-            atomic_write_bytes(stat_path, matrix_csv(dataclasses.replace(r, matrix=value)))
-            files[key] = str(stat_path.relative_to(out))
+            if matrices:
+                stat_path = out / f"{stem}.{_safe(key)}.csv"
+                atomic_write_bytes(stat_path, matrix_csv(dataclasses.replace(r, matrix=value)))
+                files[key] = str(stat_path.relative_to(out))
         else:
             settings[key] = value
     return files, settings
