@@ -1,23 +1,51 @@
-"""Heatmaps of layer × layer matrices: ``plot_matrix`` (matplotlib Axes) and ``heatmap_png`` (PNG bytes)."""
+"""Heatmaps of layer × layer matrices: ``plot_matrix`` (matplotlib Axes), ``Heatmaps`` and ``heatmap_png`` (PNG bytes).
+
+``Heatmaps`` draws many PNGs on reused figures: one figure per set of layer names and colour scale,
+laid out once (constrained layout depends on the tick labels and the colour bar, not on the title's
+or axis labels' text), then only the image, the printed values and the titles change from one
+result to the next. Each PNG is the same, byte for byte, as a figure drawn afresh for that result.
+"""
 
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from ..engine.results import PairResult
 
-__all__ = ["heatmap_png", "plot_matrix"]
+__all__ = ["Heatmaps", "heatmap_png", "plot_matrix"]
+
+ANNOTATE_MAX_CELLS = 64
 
 
 def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, title: str = "",
                 xlabel: str = "", ylabel: str = "", value_range: tuple[float, float] | None = None,
                 cmap: str = "magma", ax=None, annotate: bool | None = None):
-    """Heatmap with layer names on both axes; returns the matplotlib Axes."""
+    """Heatmap with layer names on both axes.
+
+    Parameters
+    ----------
+    matrix : ndarray of shape (len(rows), len(cols))
+    rows, cols : sequence of str
+        Layer names of the rows and the columns.
+    title, xlabel, ylabel : str
+    value_range : (float, float), optional
+        The colour scale; default the matrix's finite minimum and maximum.
+    cmap : str
+    ax : matplotlib Axes, optional
+        Where to draw; default a new figure sized to the matrix.
+    annotate : bool, optional
+        Print each finite value in its cell; default for matrices of at most 64 cells.
+
+    Returns
+    -------
+    matplotlib Axes
+    """
     import matplotlib.pyplot as plt
 
     n_r, n_c = matrix.shape
@@ -28,33 +56,101 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *,
     image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, origin="upper", aspect="auto")
     ax.set_xticks(range(n_c), labels=list(cols), rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n_r), labels=list(rows), fontsize=8)
+    _set_titles(ax, title, xlabel, ylabel)
+    ax.figure.colorbar(image, ax=ax, shrink=0.85)
+    if annotate if annotate is not None else n_r * n_c <= ANNOTATE_MAX_CELLS:
+        for i in range(n_r):
+            for j in range(n_c):
+                ax.text(j, i, "", ha="center", va="center", fontsize=7)
+        _set_values(ax, matrix, vmin, vmax)
+    return ax
+
+
+def _set_titles(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.figure.colorbar(image, ax=ax, shrink=0.85)
-    if annotate if annotate is not None else n_r * n_c <= 64:
-        for i in range(n_r):
-            for j in range(n_c):
-                v = matrix[i, j]
-                if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < (vmin + vmax) / 2 else "black")
-    return ax
+
+
+def _set_values(ax, matrix: np.ndarray, vmin: float, vmax: float) -> None:
+    """Show ``matrix`` in the image of ``ax`` and in its cell texts, if any (hidden where not finite)."""
+    ax.images[0].set_data(matrix)
+    for text, v in zip(ax.texts, matrix.flat, strict=False):
+        text.set_visible(bool(np.isfinite(v)))
+        text.set_text(f"{v:.2f}")
+        text.set_color("white" if v < (vmin + vmax) / 2 else "black")
+
+
+def _colour_range(result: PairResult) -> tuple[float, float]:
+    """The measure's range, or the matrix's finite extremes for a measure with an unbounded range."""
+    lo, hi = result.spec.value_range
+    if np.isfinite([lo, hi]).all():
+        return float(lo), float(hi)
+    return float(np.nanmin(result.matrix)), float(np.nanmax(result.matrix))
+
+
+class Heatmaps:
+    """PNG heatmaps of results, drawn on a few reused figures.
+
+    Parameters
+    ----------
+    keep : int
+        Figures kept open at once (one per set of row names, column names and colour scale); the
+        least recently used is closed beyond that.
+
+    Examples
+    --------
+    >>> with Heatmaps() as heatmaps:                                  # doctest: +SKIP
+    ...     pngs = [heatmaps.png(r) for r in results]
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._figures: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def png(self, result: PairResult) -> bytes:
+        """The PNG heatmap of one result: layer names on both axes, the measure's range as colour scale."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        vmin, vmax = _colour_range(result)
+        titles = (f"{result.measure}: {result.store_a} vs {result.store_b}", result.store_b, result.store_a)
+        key = (tuple(result.rows), tuple(result.cols), vmin, vmax)
+        ax = self._figures.pop(key, None)
+        if ax is None:
+            ax = plot_matrix(result.matrix, result.rows, result.cols, title=titles[0], xlabel=titles[1],
+                             ylabel=titles[2], value_range=(vmin, vmax))
+            ax.figure.draw_without_rendering()  # the constrained layout, once for this figure
+            ax.figure.set_layout_engine(None)
+        else:
+            _set_values(ax, result.matrix, vmin, vmax)
+            _set_titles(ax, *titles)
+        self._figures[key] = ax
+        while len(self._figures) > self.keep:
+            self._close(self._figures.popitem(last=False)[1])
+        buf = io.BytesIO()
+        ax.figure.savefig(buf, format="png")
+        return buf.getvalue()
+
+    def close(self) -> None:
+        """Close every figure."""
+        while self._figures:
+            self._close(self._figures.popitem()[1])
+
+    @staticmethod
+    def _close(ax) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.close(ax.figure)
+
+    def __enter__(self) -> Heatmaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def heatmap_png(result: PairResult) -> bytes:
     """The PNG heatmap of one result (layer names on both axes, the measure's range as colour scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = result.spec.value_range
-    ax = plot_matrix(result.matrix, result.rows, result.cols,
-                     title=f"{result.measure}: {result.store_a} vs {result.store_b}",
-                     xlabel=result.store_b, ylabel=result.store_a,
-                     value_range=(lo, hi) if np.isfinite([lo, hi]).all() else None)
-    buf = io.BytesIO()
-    ax.figure.savefig(buf, format="png")
-    plt.close(ax.figure)
-    return buf.getvalue()
+    with Heatmaps(keep=1) as heatmaps:
+        return heatmaps.png(result)

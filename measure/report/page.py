@@ -1,34 +1,32 @@
 """One self-contained HTML page per ``measure`` run: ``report.html`` beside the manifest.
 
-The page needs nothing but itself (no scripts, no network): heatmaps are
-embedded as base64 PNG (the PNGs ``write_results`` wrote, or rendered here when
-plots were skipped) and the diagonal plots are inline SVG. It shows
+The page (``templates/report.html.j2``, rendered with Jinja2) fetches nothing. It shows
 
-- for three or more stores (a zoo), first an overview: a table of contents
-  and, per measure, one model × model matrix of the mean of each pair's
-  layer × layer matrix (NaN ignored), drawn as a coloured table with the
-  values printed, each cell a link to that pair's heatmap below;
-- the run: date, device, simtorch version, the measures with their options
-  and the command-line options (layers, reductions...);
-- the stores: path, samples, fingerprint, weights digest, layers and the
+- for three or more stores (a zoo), first an overview: per measure, the model × model matrix of
+  the best match s(A, B) (``zoo``), ordered by hierarchical clustering with the dendrogram beside
+  it, drawn as inline SVG (readable without scripts); a small script then shows each cell's value
+  on hover, a menu switches to S[l, l] for each layer name the stores share, and a click on a cell
+  draws that pair's layer × layer matrix (layer names on both axes, values on hover) and its
+  best-matching layers from numbers embedded in the page (``overview.page_data``);
+- the run: date, device, simtorch version, the measures with their options and the command-line
+  options (layers, reductions...);
+- the stores, in natural order: path, samples, fingerprint, weights digest, layers and the
   reduction of each layer;
-- per measure: every heatmap with layer names on both axes;
-- per measure, when two models share an architecture (the same layer names in
-  the same order): the diagonal S[l, l] of corresponding layers as a line
-  plot, one line per model pair;
-- per measure and pair of different stores: the best-matching layer table —
-  for each layer of A the most similar layer of B (the smallest value for
-  distances) — and, for a shared architecture, how often it is the
-  corresponding layer (Kornblith et al. 2019, Table 2's accuracy).
+- with at most ``DETAIL_MAX_STORES`` stores, per measure: every heatmap with layer names on both
+  axes (the PNGs ``write_results`` wrote, or rendered here), the diagonal S[l, l] of model pairs
+  that share an architecture as a line plot (inline SVG), and for each pair of different stores
+  the best-matching layer table — for each layer of A the most similar layer of B (the smallest
+  value for distances) — with, for a shared architecture, how often it is the corresponding
+  layer (Kornblith et al. 2019, Table 2's accuracy).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import time
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,44 +34,36 @@ import numpy as np
 
 from .files import atomic_write_bytes
 from .heatmaps import heatmap_png
+from .overview import measure_overview, overview_svg, page_data
+from .zoo import natural_order
 
 if TYPE_CHECKING:
+    import jinja2
+
     from ..engine.results import PairResult
 
-__all__ = ["REPORT_NAME", "diagonal_svg", "render_report", "write_report"]
+__all__ = ["DETAIL_MAX_STORES", "OVERVIEW_MIN_STORES", "REPORT_NAME", "diagonal_svg", "render_report",
+           "write_report"]
 
 REPORT_NAME = "report.html"
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;max-width:1200px;
-color:#1d1d1f;padding:0 1rem;line-height:1.4}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
-h3{font-size:1.05rem;margin:1.2rem 0 .4rem}
-table{border-collapse:collapse;margin:.4rem 0 1rem;font-size:.85rem}
-th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left;vertical-align:top}
-th{background:#f4f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.grid{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0;border:1px solid #e3e3e3;padding:.4rem;background:#fff}
-figure img{display:block;max-width:560px;height:auto}figcaption{font-size:.8rem;color:#555;margin-top:.2rem}
-.ok{color:#11772d}.miss{color:#b3261e}code{background:#f4f4f6;padding:0 .2rem;border-radius:3px}
-.muted{color:#666;font-size:.85rem}nav a{margin-right:.8rem}
-.scroll{overflow-x:auto;max-width:100%}td code{word-break:break-all}
-figure.diagonal svg{max-width:100%;height:auto}
-nav.toc ul{margin:.2rem 0;padding-left:1.2rem}nav.toc li{margin:.1rem 0}nav.toc a{margin-right:0}
-table.zoo td.cell{text-align:center;padding:0;min-width:3.6rem}
-table.zoo td.cell a{display:block;padding:.35rem .4rem;text-decoration:none;font-variant-numeric:tabular-nums}
-table.zoo td.cell a:hover{outline:2px solid #1d1d1f;outline-offset:-2px}
-table.zoo th.model{max-width:12rem;overflow-wrap:anywhere;vertical-align:middle}
-"""
-
 OVERVIEW_MIN_STORES = 3
+DETAIL_MAX_STORES = 6
+TEMPLATES = Path(__file__).with_name("templates")
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@cache
+def _environment() -> jinja2.Environment:
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def _png_data_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+def _asset(name: str):
+    """A file of ``templates/`` as markup (the page's CSS and script, inserted verbatim)."""
+    from markupsafe import Markup
+
+    return Markup((TEMPLATES / name).read_text(encoding="utf-8"))
 
 
 def diagonal_svg(layers: Sequence[str], lines: Mapping[str, Sequence[float]], *, title: str = "",
@@ -102,45 +92,6 @@ def diagonal_svg(layers: Sequence[str], lines: Mapping[str, Sequence[float]], *,
     return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
 
 
-def _pair_label(r: PairResult) -> str:
-    return f"{r.store_a} vs {r.store_b}"
-
-
-def _best_match_table(r: PairResult) -> str:
-    shared = r.rows == r.cols
-    head = "<tr><th>layer of " + _e(r.store_a) + "</th><th>best match in " + _e(r.store_b) + "</th><th>" + \
-        ("lowest distance" if r.spec.kind == "distance" else "highest similarity") + "</th>" + \
-        ("<th>corresponding?</th>" if shared else "") + "</tr>"
-    rows, hits = [], 0
-    for layer, best, value in r.best_matches():
-        cell = ""
-        if shared:
-            ok = best == layer
-            hits += ok
-            cell = f'<td class="{"ok" if ok else "miss"}">{"yes" if ok else "no"}</td>'
-        rows.append(f"<tr><td>{_e(layer)}</td><td>{_e(best or '—')}</td><td class=\"num\">{value:.4f}</td>{cell}</tr>")
-    summary = (f'<p class="muted">best match is the corresponding layer for {hits} of {len(r.rows)} layers '
-               f"({100.0 * hits / max(1, len(r.rows)):.0f} %).</p>") if shared else ""
-    return f"<table>{head}{''.join(rows)}</table>{summary}"
-
-
-def _stores_table(stores: Mapping[str, Mapping[str, Any]]) -> str:
-    rows = []
-    for name, meta in stores.items():
-        reductions = meta.get("reductions") or {}
-        by_reduction: dict[str, list[str]] = {}
-        for layer in meta.get("layers") or []:
-            by_reduction.setdefault(reductions.get(layer, "flatten"), []).append(layer)
-        layer_cells = "<br>".join(f"<b>{_e(r)}</b>: {_e(', '.join(names))}" for r, names in by_reduction.items())
-        rows.append(
-            f"<tr><td>{_e(name)}</td><td><code>{_e(meta.get('path', ''))}</code></td>"
-            f"<td class=\"num\">{_e(meta.get('n_samples', ''))}</td>"
-            f"<td><code>{_e(str(meta.get('fingerprint', ''))[:30])}…</code></td>"
-            f"<td><code>{_e(str(meta.get('weights_digest', ''))[:16])}</code></td><td>{layer_cells}</td></tr>")
-    return ("<table><tr><th>store</th><th>path</th><th>samples</th><th>fingerprint</th><th>weights</th>"
-            "<th>layers by reduction</th></tr>" + "".join(rows) + "</table>")
-
-
 def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping[str, Any]], device: str = "",
                   options: Mapping[str, Any] | None = None, pngs: Mapping[int, bytes] | None = None,
                   title: str = "simtorch similarity report") -> str:
@@ -156,177 +107,86 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
     options : dict, optional
         Run options to list (layers, reduce...).
     pngs : dict of int to bytes, optional
-        Already rendered heatmap PNGs by result index (rendered here otherwise).
+        Already rendered heatmap PNGs by result index (rendered here otherwise; used only with at
+        most ``DETAIL_MAX_STORES`` stores).
+    title : str
     """
-    pngs = dict(pngs or {})
+    from markupsafe import Markup
+
+    from extract import __version__
+
     measures: dict[str, list[int]] = {}
     for i, r in enumerate(results):
         measures.setdefault(r.measure, []).append(i)
-    names = list(dict.fromkeys([*stores, *(n for r in results for n in (r.store_a, r.store_b))]))
-    zoo = len(names) >= OVERVIEW_MIN_STORES
-    parts = _head(title, device, len(results), len(stores), measures, toc=zoo)
-    if zoo:
-        parts += _overview(results, measures, names)
-    parts += _run_tables(results, measures, options)
-    parts += ['<h2 id="stores">Stores</h2>', '<div class="scroll">' + _stores_table(stores) + "</div>"]
-    for m, idx in measures.items():
-        parts += _measure_section(m, [results[i] for i in idx], [pngs.get(i) for i in idx], idx)
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    names = natural_order([*stores, *(n for r in results for n in (r.store_a, r.store_b))])
+    zoo = []
+    if len(names) >= OVERVIEW_MIN_STORES:
+        for idx in measures.values():
+            o = measure_overview([results[i] for i in idx], names)
+            zoo.append({"measure": o.measure, "kind": o.kind, "value_range": o.value_range,
+                        "views": o.views, "svg": overview_svg(o), "overview": o})
+    details = []
+    if len(names) <= DETAIL_MAX_STORES:
+        details = [_measure_details(m, results, idx, dict(pngs or {})) for m, idx in measures.items()]
+    context = {
+        "title": title, "version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device, "n_results": len(results), "n_stores": len(stores), "css": _asset("report.css"),
+        "measures": [_measure_row(results[idx[0]]) for idx in measures.values()],
+        "options": dict(options or {}), "stores": _store_rows(stores), "zoo": zoo, "details": details,
+        "layer_views": any(len(z["views"]) > 1 for z in zoo), "detail_max": DETAIL_MAX_STORES,
+        "data": Markup(page_data([z["overview"] for z in zoo])) if zoo else "",
+        "script": _asset("report.js") if zoo else "",
+    }
+    return _environment().get_template("report.html.j2").render(context)
 
 
-def _head(title: str, device: str, n_results: int, n_stores: int, measures: Mapping[str, list[int]], *,
-          toc: bool = False) -> list[str]:
-    """The document head, the title, the run line and the navigation (a table of contents for a zoo)."""
-    from extract import __version__
-
-    return [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="muted">simtorch {_e(__version__)} · {_e(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} · device '
-        f"{_e(device or '?')} · {n_results} result(s) · {n_stores} store(s)</p>",
-        _toc(measures) if toc else
-        "<nav>" + "".join(f'<a href="#m-{_e(m)}">{_e(m)}</a>' for m in measures) + "</nav>",
-    ]
+def _measure_row(r: PairResult) -> dict[str, Any]:
+    return {"name": r.measure, "options": ", ".join(f"{k}={v}" for k, v in r.options.items()) or "—",
+            "kind": r.spec.kind, "symmetric": r.spec.symmetric, "reference": r.spec.reference}
 
 
-def _toc(measures: Mapping[str, list[int]]) -> str:
-    """The table of contents of a zoo's report: the overview (one matrix per measure), run, stores, measures."""
-    overview = "".join(f'<li><a href="#o-{_e(m)}">{_e(m)}</a></li>' for m in measures)
-    sections = "".join(f'<li><a href="#m-{_e(m)}">{_e(m)}</a></li>' for m in measures)
-    return ('<nav class="toc" id="contents"><b>Contents</b><ul>'
-            f'<li><a href="#overview">Overview: model × model</a><ul>{overview}</ul></li>'
-            '<li><a href="#run">Run</a></li><li><a href="#stores">Stores</a></li>'
-            f"<li>Layer × layer, per measure<ul>{sections}</ul></li></ul></nav>")
+def _store_rows(stores: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The stores table, in natural order of their names; layers grouped by reduction."""
+    rows = []
+    for name in natural_order(stores):
+        meta = stores[name]
+        reductions = meta.get("reductions") or {}
+        by_reduction: dict[str, list[str]] = {}
+        for layer in meta.get("layers") or []:
+            by_reduction.setdefault(reductions.get(layer, "flatten"), []).append(layer)
+        rows.append({"name": name, "path": meta.get("path", ""), "n_samples": meta.get("n_samples", ""),
+                     "fingerprint": str(meta.get("fingerprint", ""))[:30],
+                     "weights": str(meta.get("weights_digest", ""))[:16], "layers": list(by_reduction.items())})
+    return rows
 
 
-def _pair_id(index: int) -> str:
-    """The element id of result ``index``'s heatmap (ids from indices: any store name is safe)."""
-    return f"r{index}"
+def _measure_details(m: str, results: Sequence[PairResult], indices: Sequence[int],
+                     pngs: Mapping[int, bytes]) -> dict[str, Any]:
+    """One measure's layer × layer section: heatmaps (ids ``r<result index>``), corresponding layers, best matches."""
+    from markupsafe import Markup
 
-
-def _cell_colours(value: float, lo: float, hi: float) -> tuple[str, str]:
-    """(background, text) colours of an overview cell: viridis over [lo, hi], dark text on light cells."""
-    from matplotlib import colormaps
-
-    if not np.isfinite(value):
-        return "#eeeeee", "#1d1d1f"
-    t = 0.5 if hi <= lo else float(np.clip((value - lo) / (hi - lo), 0.0, 1.0))
-    r, g, b, _ = colormaps["viridis"](t)
-    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
-    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}", "#1d1d1f" if luminance > 0.45 else "#ffffff"
-
-
-def _overview(results: Sequence[PairResult], measures: Mapping[str, list[int]], names: Sequence[str]) -> list[str]:
-    """Per measure, the model × model matrix of the mean of each pair's layer × layer matrix (NaN ignored).
-
-    Each cell links to its pair's heatmap; a symmetric measure's pair (a, b) fills both (a, b) and (b, a).
-    Colours span the measure's value range when finite, else the values shown.
-    """
-    parts = ['<h2 id="overview">Overview: model × model</h2>',
-             '<p class="muted">Each cell: the mean over all layer pairs of that pair\'s layer × layer matrix '
-             "(rows: the first model). Click a cell for its layer-by-layer heatmap below.</p>"]
-    position = {name: k for k, name in enumerate(names)}
-    for m, idx in measures.items():
-        values = np.full((len(names), len(names)), np.nan)
-        target: dict[tuple[int, int], int] = {}
-        for i in idx:
-            r = results[i]
-            a, b = position[r.store_a], position[r.store_b]
-            with np.errstate(all="ignore"):
-                finite = np.isfinite(r.matrix)
-                mean = float(r.matrix[finite].mean()) if finite.any() else np.nan
-            values[a, b] = mean
-            target[a, b] = i
-            if r.spec.symmetric and (b, a) not in target:
-                values[b, a] = mean
-                target[b, a] = i
-        spec = results[idx[0]].spec
-        lo, hi = spec.value_range
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            shown = values[np.isfinite(values)]
-            lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
-        head = "".join(f'<th class="model">{_e(n)}</th>' for n in names)
-        rows = []
-        for a, name in enumerate(names):
-            cells = []
-            for b in range(len(names)):
-                if (a, b) not in target:
-                    cells.append('<td class="cell">—</td>')
-                    continue
-                background, colour = _cell_colours(values[a, b], lo, hi)
-                text = f"{values[a, b]:.3f}" if np.isfinite(values[a, b]) else "NaN"
-                cells.append(f'<td class="cell" style="background:{background}"><a href="#{_pair_id(target[a, b])}" '
-                             f'style="color:{colour}" title="{_e(m)}: {_e(name)} vs {_e(names[b])}">{text}</a></td>')
-            rows.append(f'<tr><th class="model">{_e(name)}</th>{"".join(cells)}</tr>')
-        parts.append(f'<h3 id="o-{_e(m)}">{_e(m)} <span class="muted">({_e(spec.kind)}, mean of the layer × layer '
-                     f"matrix; colour from {lo:g}, dark, to {hi:g}, light)</span></h3>"
-                     f'<div class="scroll"><table class="zoo"><tr><th></th>{head}</tr>'
-                     f'{"".join(rows)}</table></div>')
-    return parts
-
-
-def _run_tables(results: Sequence[PairResult], measures: Mapping[str, list[int]],
-                options: Mapping[str, Any] | None) -> list[str]:
-    """The "Run" section: each measure with its options and properties, then the run options."""
-    parts = ['<h2 id="run">Run</h2><table><tr><th>measure</th><th>options</th><th>kind</th><th>symmetric</th>'
-             "<th>reference</th></tr>"]
-    for m, idx in measures.items():
-        r = results[idx[0]]
-        opts = ", ".join(f"{k}={v}" for k, v in r.options.items()) or "—"
-        parts.append(f"<tr><td>{_e(m)}</td><td><code>{_e(opts)}</code></td><td>{_e(r.spec.kind)}</td>"
-                     f"<td>{'yes' if r.spec.symmetric else 'no'}</td><td>{_e(r.spec.reference)}</td></tr>")
-    parts.append("</table>")
-    if options:
-        parts.append("<table><tr><th>option</th><th>value</th></tr>" + "".join(
-            f"<tr><td>{_e(k)}</td><td><code>{_e(v)}</code></td></tr>" for k, v in options.items()) + "</table>")
-    return parts
-
-
-def _measure_section(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None],
-                     indices: Sequence[int]) -> list[str]:
-    """One measure's section: its heatmaps (ids from the results' ``indices``), the corresponding-layer plot
-    and the best-match tables."""
-    first = results[0]
-    parts = [f'<h2 id="m-{_e(m)}">{_e(m)}</h2>',
-             f'<p class="muted">{_e(first.spec.kind)} in [{first.spec.value_range[0]:g}, '
-             f"{first.spec.value_range[1]:g}]; rows are the first store's layers.</p>"]
-    parts += _heatmaps(m, results, pngs, indices)
-    cross = [r for r in results if r.store_a != r.store_b]
+    own = [results[i] for i in indices]
+    first = own[0]
+    heatmaps = [{"id": f"r{i}", "a": results[i].store_a, "b": results[i].store_b,
+                 "src": "data:image/png;base64," + base64.b64encode(pngs.get(i) or heatmap_png(results[i])).decode()}
+                for i in indices]
+    cross = [r for r in own if r.store_a != r.store_b]
     shared = [r for r in cross if r.rows == r.cols]
+    diagonal = ""
     if shared:
-        parts.append(_diagonal_figure(m, shared, first.spec.value_range))
-    if cross:
-        parts.append("<h3>Best-matching layers</h3>")
-        for r in cross:
-            parts.append(f"<p><b>{_e(_pair_label(r))}</b></p>{_best_match_table(r)}")
-    return parts
+        lines = {f"{r.store_a} vs {r.store_b}": np.diag(r.matrix) for r in shared}
+        diagonal = Markup(diagonal_svg(shared[0].rows, lines, title=f"{m}: corresponding layers S[l, l]", ylabel=m,
+                                       value_range=first.spec.value_range))
+    return {"measure": m, "kind": first.spec.kind, "value_range": first.spec.value_range, "heatmaps": heatmaps,
+            "diagonal": diagonal, "best": [_best_table(r) for r in cross]}
 
 
-def _heatmaps(m: str, results: Sequence[PairResult], pngs: Sequence[bytes | None],
-              indices: Sequence[int]) -> list[str]:
-    """Every heatmap of one measure, embedded (the given PNG, or one rendered now), each with its pair's id."""
-    parts = ["<h3>Heatmaps</h3><div class=\"grid\">"]
-    for r, png, index in zip(results, pngs, indices, strict=True):
-        png = png or heatmap_png(r)
-        parts.append(f'<figure id="{_pair_id(index)}">'
-                     f'<img src="{_png_data_uri(png)}" alt="{_e(m)} heatmap: {_e(_pair_label(r))}">'
-                     f"<figcaption>{_e(m)}: {_e(r.store_a)} (rows) vs {_e(r.store_b)} (columns)"
-                     "</figcaption></figure>")
-    parts.append("</div>")
-    return parts
-
-
-def _diagonal_figure(m: str, shared: Sequence[PairResult], value_range: tuple[float, float]) -> str:
-    """S[l, l] of model pairs of the same architecture, as an inline SVG figure."""
-    lo, hi = value_range
-    svg = diagonal_svg(shared[0].rows, {_pair_label(r): np.diag(r.matrix) for r in shared},
-                       title=f"{m}: corresponding layers S[l, l]", ylabel=m, value_range=(lo, hi))
-    return ("<h3>Corresponding layers</h3>"
-            f'<figure class="diagonal">{svg}<figcaption>{_e(m)} of layer l in one model with layer l '
-            "in the other, for model pairs of the same architecture</figcaption></figure>")
+def _best_table(r: PairResult) -> dict[str, Any]:
+    shared = r.rows == r.cols
+    rows = [(layer, best, value, shared and best == layer) for layer, best, value in r.best_matches()]
+    hits = sum(ok for *_, ok in rows)
+    return {"a": r.store_a, "b": r.store_b, "shared": shared, "rows": rows, "hits": hits,
+            "percent": 100.0 * hits / max(1, len(rows))}
 
 
 def write_report(results: Sequence[PairResult], out: str | Path, *, stores: Mapping[str, Mapping[str, Any]],
@@ -340,7 +200,8 @@ def write_report(results: Sequence[PairResult], out: str | Path, *, stores: Mapp
     out = Path(out)
     pngs: dict[int, bytes] = {}
     entries = list((manifest or {}).get("results", []))
-    if len(entries) == len(results):
+    n_stores = len({*stores, *(n for r in results for n in (r.store_a, r.store_b))})
+    if len(entries) == len(results) and n_stores <= DETAIL_MAX_STORES:  # larger zoos embed no heatmaps
         for i, entry in enumerate(entries):
             png = entry.get("png")
             if png and (out / png).is_file():

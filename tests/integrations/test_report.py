@@ -122,8 +122,10 @@ def test_report_content(run):
     assert all(img["src"].startswith("data:image/png;base64,") for img in parser.imgs)
     for entry in results:  # every heatmap is the PNG written beside the CSV, labelled with its pair
         assert f"{entry['measure']} heatmap: {entry['store_a']} vs {entry['store_b']}" in page
-    # one diagonal plot per measure: seedA and seedB share an architecture, the wide model does not
-    assert page.count("<svg") == 2
+    # one overview per measure (three stores), then one diagonal plot per measure: seedA and seedB share an
+    # architecture, the wide model does not
+    assert page.count('<svg class="matrix"') == 2 and page.count('<figure class="diagonal"><svg') == 2
+    assert page.index('id="overview"') < page.index('id="run"') < page.index('<figure class="diagonal">')
     text = " ".join(parser.text)
     assert "Best-matching layers" in text and "seedA vs seedB" in text and "seedA vs wide" in text
     for layer in DEMO_LAYERS:
@@ -159,77 +161,116 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
 
 
-NAV_PROBE = """<script>
-window.addEventListener('load', async function () {
-  var tick = function () { return new Promise(function (done) { setTimeout(done, 0); }); };
-  var links = [].slice.call(document.querySelectorAll('a[href^="#"]'));
-  var unresolved = links.map(function (a) { return a.getAttribute('href'); })
-                        .filter(function (h) { return !document.getElementById(h.slice(1)); });
+ZOO_PROBE = """<script>
+window.addEventListener('load', function () {
+  // Click overview cells (window.__clicks: [measure, row, column] in display order), read the pair panel that
+  // opens and the tooltips; then switch each overview with a view menu to its next view.
+  var sections = [].slice.call(document.querySelectorAll('section.overview'));
+  var centre = function (el) {
+    var r = el.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2];
+  };
+  var fire = function (el, type) {
+    var c = centre(el);
+    el.dispatchEvent(new MouseEvent(type, {clientX: c[0], clientY: c[1], bubbles: true}));
+  };
   var overview = document.getElementById('overview'), run = document.getElementById('run');
-  var box = overview ? overview.getBoundingClientRect() : null;
-  var tables = [].slice.call(document.querySelectorAll('table.zoo'));
-  var cells = [].slice.call(document.querySelectorAll('table.zoo a[href^="#"]'));
-  var scrolled = [], missed = [];
-  var last = document.documentElement.scrollHeight - window.innerHeight;
-  for (var k = 0; k < cells.length; k++) {
-    window.scrollTo(0, 0); await tick();
-    cells[k].click(); await tick();
-    var target = document.getElementById(cells[k].getAttribute('href').slice(1));
-    var r = target.getBoundingClientRect();
-    var atTop = Math.abs(r.top) < 2, atEnd = window.scrollY >= last - 2 && r.top >= 0 && r.bottom <= innerHeight + 2;
-    (window.scrollY > 0 && (atTop || atEnd) && location.hash === cells[k].getAttribute('href') ? scrolled : missed)
-      .push(cells[k].getAttribute('href'));
-  }
-  window.scrollTo(0, 0);
-  var out = {links: links.length, unresolved: unresolved, scrollWidth: document.documentElement.scrollWidth,
-             innerWidth: window.innerWidth, overviewTop: box ? box.top : null, viewport: window.innerHeight,
-             overviewBeforeRun: !!(overview && run && box.top < run.getBoundingClientRect().top),
-             zooTables: tables.length, zooTablesShown: tables.filter(function (t) {
-               var b = t.getBoundingClientRect(); return b.width > 50 && b.height > 50; }).length,
-             cells: cells.length, scrolled: scrolled.length, missed: missed};
-  var pre = document.createElement('pre'); pre.id = 'nav-result'; pre.textContent = JSON.stringify(out);
+  var svgs = [].slice.call(document.querySelectorAll('svg.matrix'));
+  var out = {overviewTop: overview ? overview.getBoundingClientRect().top : null,  // before any click scrolls
+             firstMatrixTop: svgs.length ? svgs[0].getBoundingClientRect().top : null, viewport: innerHeight,
+             overviewBeforeRun: !!(overview && run &&
+                                   overview.getBoundingClientRect().top < run.getBoundingClientRect().top)};
+  var tip = document.getElementById('tip'), opened = [], slowest = 0;
+  (window.__clicks || []).forEach(function (c) {
+    var section = sections[c[0]], svg = section.querySelector('svg.matrix'), n = +svg.dataset.rows;
+    var rect = svg.querySelectorAll('g.cells rect')[c[1] * n + c[2]];
+    fire(rect, 'mousemove');
+    var cellTip = tip.hidden ? null : tip.textContent;
+    var t0 = performance.now();
+    fire(rect, 'click');
+    slowest = Math.max(slowest, performance.now() - t0);
+    var panel = section.querySelector('.pair'), matrix = panel.querySelector('svg.pairmatrix'), values = [];
+    if (matrix) {
+      var cells = [].slice.call(matrix.querySelectorAll('g.cells rect'));
+      cells.forEach(function (r) { fire(r, 'mousemove'); values.push(tip.hidden ? null : tip.textContent); });
+    }
+    var box = panel.getBoundingClientRect();
+    opened.push({click: c, cellTip: cellTip, shown: !panel.hidden && box.width > 50 && box.height > 50,
+                 head: panel.querySelector('h4') ? panel.querySelector('h4 span').textContent : null,
+                 rows: matrix ? +matrix.dataset.rows : 0, cols: matrix ? +matrix.dataset.cols : 0,
+                 cellTips: values, table: panel.querySelectorAll('table.best tr').length});
+  });
+  var switched = sections.map(function (section) {
+    var select = section.querySelector('select');
+    if (!select || select.options.length < 2) return null;
+    var rects = section.querySelectorAll('svg.matrix g.cells rect');
+    var before = [].map.call(rects, function (r) { return r.getAttribute('fill'); }).join();
+    select.value = '1'; select.dispatchEvent(new Event('change'));
+    var after = [].map.call(rects, function (r) { return r.getAttribute('fill'); }).join();
+    return {changed: before !== after, name: section.querySelector('.viewname').textContent,
+            visible: !select.closest('.controls').hidden};
+  });
+  Object.assign(out, {overviews: svgs.length, overviewsShown: svgs.filter(function (s) {
+               var b = s.getBoundingClientRect(); return b.width > 100 && b.height > 100; }).length,
+             dendrograms: svgs.map(function (s) { return s.querySelectorAll('g.dendrogram path').length; }),
+             rowNames: svgs.map(function (s) {  // the row labels, top to bottom
+               var labels = s.querySelectorAll('g[text-anchor="end"] text');
+               return [].map.call(labels, function (t) { return t.textContent; });
+             }),
+             scrollWidth: document.documentElement.scrollWidth, innerWidth: innerWidth,
+             opened: opened, slowestClickMs: slowest, switched: switched,
+             errors: (window.__probe || {errors: []}).errors});
+  var pre = document.createElement('pre'); pre.id = 'zoo-result'; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
 });
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (bash .ci/setup test installs it)")
-def test_zoo_overview_links_scroll_to_their_pairs_at_1280px(run, tmp_path):
-    """Three stores: the report opens with a table of contents and one model × model matrix per measure, every
-    in-page link resolves, each matrix cell scrolls its pair's heatmap into view, and nothing is wider than 1280 px."""
+def _zoo_probe(report: Path, tmp_path: Path, clicks: list[tuple[int, int, int]], *, size: str = "1280,900") -> dict:
+    """Load ``report`` with the error probe and ``ZOO_PROBE`` injected, clicking ``clicks``; what the probe saw."""
     import html
 
-    page = (run / "report.html").read_text(encoding="utf-8")
-    probed = tmp_path / "nav-report.html"
-    probed.write_text(page.replace("<head>", "<head>" + NAV_PROBE, 1), encoding="utf-8")
-    done = _browse(probed, tmp_path, "--window-size=1280,900", "--dump-dom")
-    match = re.search(r'<pre id="nav-result">(.*?)</pre>', done.stdout, re.S)
+    page = report.read_text(encoding="utf-8")
+    setup = f"<script>window.__clicks = {json.dumps([list(c) for c in clicks])};</script>"
+    probed = tmp_path / f"zoo-{report.parent.name}.html"
+    probed.write_text(page.replace("<head>", "<head>" + PROBE + setup + ZOO_PROBE, 1), encoding="utf-8")
+    done = _browse(probed, tmp_path, f"--window-size={size}", "--dump-dom")
+    match = re.search(r'<pre id="zoo-result">(.*?)</pre>', done.stdout, re.S)
     assert match, f"the page did not finish loading in chromium (rc {done.returncode}): {done.stderr[-2000:]}"
-    seen = json.loads(html.unescape(match.group(1)))
-    assert seen["innerWidth"] == 1280 and seen["scrollWidth"] <= 1280, seen  # no horizontal overflow
-    assert seen["unresolved"] == [] and seen["links"] > 3 * 3 * 2, seen
-    assert seen["zooTables"] == seen["zooTablesShown"] == 2  # one matrix per measure, laid out
-    assert seen["overviewBeforeRun"] and 0 <= seen["overviewTop"] < seen["viewport"], seen  # on the first screen
-    assert seen["cells"] == 2 * 3 * 3 and seen["scrolled"] == seen["cells"] and seen["missed"] == [], seen
-    # each cell's value is the mean of its pair's matrix on disk, and links to that pair's heatmap
+    return json.loads(html.unescape(match.group(1)))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (bash .ci/setup test installs it)")
+def test_zoo_overview_opens_each_pairs_matrix_on_click_at_1280px(run, tmp_path):
+    """Three stores: the report opens with one model × model best-match overview per measure on the first screen;
+    hovering a cell shows the best match of the pair's matrix on disk, a click on it draws that pair's
+    layer × layer matrix in the page, rows the row model's layers, each value on hover equal to the CSV's; nothing
+    is wider than 1280 px."""
+    from measure import MEASURES
     from measure.report import read_matrix_csv
+    from measure.report.zoo import best_match
 
     manifest = json.loads((run / "manifest.json").read_text())
-    for index, entry in enumerate(manifest["results"]):
-        mean = np.nanmean(read_matrix_csv(run / entry["csv"])[2])
-        cell = re.search(rf'<a href="#r{index}" style="color:#[0-9a-f]{{6}}" title="{entry["measure"]}: '
-                         rf'{entry["store_a"]} vs {entry["store_b"]}">([-0-9.]+)</a>', page)
-        assert cell and float(cell.group(1)) == pytest.approx(mean, abs=5e-4), entry
-        figure = re.search(rf'<figure id="r{index}"><img src="[^"]+" alt="([^"]+)"', page)
-        assert figure and figure.group(1) == f"{entry['measure']} heatmap: {entry['store_a']} vs {entry['store_b']}"
-    shot = tmp_path / "overview.png"
-    _browse(run / "report.html", tmp_path, "--window-size=1280,900", f"--screenshot={shot}")
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
-    first = re.search(r'<td class="cell" style="background:#([0-9a-f]{6})">', page).group(1)
-    colour = np.array([int(first[k:k + 2], 16) for k in (0, 2, 4)])
-    assert (np.abs(pixels.astype(int) - colour).max(axis=1) <= 2).sum() > 500  # the overview is on the first screen
+    measures = list(dict.fromkeys(e["measure"] for e in manifest["results"]))
+    clicks = [(m, i, j) for m in range(len(measures)) for i in range(3) for j in range(3)]
+    seen = _zoo_probe(run / "report.html", tmp_path, clicks)
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["innerWidth"] == 1280 and seen["scrollWidth"] <= 1280, seen  # no horizontal overflow
+    assert seen["overviews"] == seen["overviewsShown"] == 2 and seen["dendrograms"] == [2, 2]
+    assert seen["overviewBeforeRun"] and 0 <= seen["firstMatrixTop"] < seen["viewport"], seen  # the first screen
+    csv = {(e["measure"], e["store_a"], e["store_b"]): read_matrix_csv(run / e["csv"]) for e in manifest["results"]}
+    for o in seen["opened"]:
+        m = measures[o["click"][0]]
+        a, b = re.fullmatch(rf"{m}: (\S+) \(rows\) vs (\S+) \(columns\)", o["head"]).groups()
+        assert [a, b] == [seen["rowNames"][o["click"][0]][k] for k in o["click"][1:]]  # the clicked row and column
+        rows, cols, matrix = csv.get((m, a, b)) or (lambda r, c, x: (c, r, x.T))(*csv[(m, b, a)])  # symmetric
+        assert o["shown"] and (o["rows"], o["cols"]) == matrix.shape and o["table"] == len(rows) + 1, o
+        s = best_match(matrix, MEASURES[m].kind)
+        assert o["cellTip"].startswith(f"{a} (row) vs {b}"), o
+        assert float(o["cellTip"].rsplit(": ", 1)[1]) == pytest.approx(s, rel=1e-3), o
+        for k, tip in enumerate(o["cellTips"]):
+            i, j = divmod(k, len(cols))
+            assert tip.startswith(f"{rows[i]} of {a} vs {cols[j]} of {b}"), tip
+            assert float(tip.rsplit(": ", 1)[1]) == pytest.approx(matrix[i, j], rel=1e-3), tip
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (bash .ci/setup test installs it)")
