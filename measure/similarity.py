@@ -1,14 +1,22 @@
 """The original simtorch API, on the store engine: one class per measure for a pair of models.
 
 ``CKA(sim_model1, sim_model2, device=...).compute(dataloader)`` runs both
-models over the loader once, captures their layers into ``MemoryStore``s and
-measures them with the same ``Engine`` that ``pipeline.py measure`` uses, so
-the matrix is exact over every sample of the loader — equal to ``compare`` on
-the concatenated activations — and not an average of per-batch scores. For
-linear CKA on the feature route (``route="features"``, or "auto" when the
-moments are much smaller than n × n Grams) nothing is stored: each batch goes
-from the hooks straight into a ``LinearCKAMatrix`` accumulator, so memory does
-not grow with the number of samples.
+models over the loader once, captures their layers into stores and measures
+them with the same ``Engine`` that ``pipeline.py measure`` uses, so the matrix
+is exact over every sample of the loader — equal to ``compare`` on the
+concatenated activations — and not an average of per-batch scores.
+
+Memory is bounded by ``memory_budget`` (bytes, as ``EngineConfig.memory_budget``):
+
+* the captured activations are held in memory while they fit half of it, the engine
+  reading them with the rest; beyond that they are spilled to temporary Zarr stores on
+  disk (``measure.spill``), which the engine streams chunk by chunk within the whole
+  budget, and which are removed afterwards, after an error too;
+* linear CKA on the feature route (``route="features"``, or "auto" when the moments are
+  much smaller than n × n Grams) stores nothing: each batch goes from the hooks straight
+  into a ``LinearCKAMatrix`` accumulator;
+* the per-batch estimator ``cka_minibatch`` stores nothing either: each batch goes into a
+  ``MinibatchCKAMatrix`` (``measure.accumulators.minibatch``), memory one batch.
 
 The classes here (``measure.CKA``, ``measure.Procrustes`` ...) take two models; the measures
 they compute are defined in ``measure.measures`` (``measure.measures.cka.CKA`` ...), under the
@@ -17,11 +25,10 @@ registry names in each class's ``measure`` attribute.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +37,22 @@ import torch
 
 from extract.batches import confounder_rows, model_input, to_device
 from extract.hooks import SimilarityModel
-from extract.store import INPUTS_ARRAY, LAYERS_GROUP, MemoryStore, StoreInfo
+from extract.store import MemoryStore
 
 from .accumulators.cka import LinearCKAMatrix, choose_route
+from .accumulators.minibatch import MinibatchCKAMatrix
 from .engine import Engine, PairResult, default_device
+from .engine.streaming import DEFAULT_MEMORY_BUDGET
 from .errors import MeasureError
+from .functional.gram import resolve_precision
 from .functional.procrustes import OUTPUTS
 from .registry import get_measure
+from .spill import SpillingCapture
 from .undefined import undefined_value
 from .validation import check_finite, check_min_samples
 
-__all__ = ["CCA", "CKA", "PWCCA", "RSA", "SVCCA", "DeconfoundedCKA", "DeltaCKA", "LinearRegression", "MutualKNN",
-           "Procrustes", "Similarity", "capture"]
+__all__ = ["CCA", "CKA", "PWCCA", "RSA", "SVCCA", "DeconfoundedCKA", "DeltaCKA", "LinearRegression", "MinibatchCKA",
+           "MutualKNN", "Procrustes", "Similarity", "capture"]
 
 
 def _forward_batches(sim_models: list[SimilarityModel], dataloader: Iterable,
@@ -64,58 +75,82 @@ def _forward_batches(sim_models: list[SimilarityModel], dataloader: Iterable,
 def capture(sim_models: list[SimilarityModel], dataloader: Iterable, device: torch.device,
             store_inputs: bool = True) -> list[MemoryStore]:
     """Run every model over ``dataloader`` once and return one complete ``MemoryStore`` per model."""
-    return _to_stores(sim_models, _forward_batches(sim_models, dataloader, device), store_inputs)
+    with _to_stores(sim_models, _forward_batches(sim_models, dataloader, device), store_inputs, None) as captured:
+        return captured.finish()
 
 
-def _to_stores(sim_models: list[SimilarityModel], batches: Iterable, store_inputs: bool) -> list[MemoryStore]:
-    parts: list[dict[str, list[np.ndarray]]] = [{} for _ in sim_models]
-    digest = hashlib.sha256()
-    n = 0
-    for rows, outputs in batches:
-        digest.update(rows.tobytes())
-        n += len(rows)
-        for store_parts, model_outputs in zip(parts, outputs, strict=True):
-            for key, tensor in model_outputs.items():
-                # float64 activations stay float64 (exact); others are held as float32, as in stores
-                kept = tensor if tensor.dtype == torch.float64 else tensor.float()
-                store_parts.setdefault(f"{LAYERS_GROUP}/{key}", []).append(kept.cpu().numpy())
-            if store_inputs:
-                store_parts.setdefault(INPUTS_ARRAY, []).append(rows)
-    if n == 0:
-        raise ValueError("The dataloader yielded no samples.")
-    stores = []
-    for store_parts, model in zip(parts, sim_models, strict=True):
-        wide = any(blocks[0].dtype == np.float64 for key, blocks in store_parts.items() if key != INPUTS_ARRAY)
-        info = StoreInfo(model_name=model.model_name, layers=list(model.layers), n_samples=n,
-                         dtype="float64" if wide else "float32",
-                         chunk_samples=n, samples_done=n, complete=True, inputs_stored=store_inputs,
-                         fingerprint=f"memory:sha256:{digest.hexdigest()}:n={n}")
-        store = MemoryStore(info)
-        for key, blocks in store_parts.items():
-            array = np.concatenate(blocks)
-            store.create_array(key, array.shape, str(array.dtype), n)
-            store.write(key, 0, array)
-        if store_inputs:
-            info.input_shape = list(store.array_shape(INPUTS_ARRAY)[1:])
-        stores.append(store)
-    return stores
+def _held(tensor: torch.Tensor) -> torch.Tensor:
+    """A captured output in the dtype a store holds it: float64 stays float64, the rest becomes float32."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A captured output as the host array a store holds; a view into a larger output (a tuple's slice, one
+    token of a sequence) is copied, so that the bytes held are the bytes counted."""
+    kept = _held(tensor)
+    if kept.untyped_storage().nbytes() > kept.nbytes:
+        kept = kept.clone(memory_format=torch.contiguous_format)
+    return kept.cpu().numpy()
+
+
+@contextmanager
+def _to_stores(sim_models: list[SimilarityModel], batches: Iterable, store_inputs: bool,
+               hold_bytes: int | None) -> Iterator[SpillingCapture]:
+    """Every batch captured into a ``SpillingCapture`` (in memory up to ``hold_bytes``, None: no bound, then on
+    disk); ``finish()`` gives the stores, valid inside the ``with`` block, whose exit removes any spilled ones."""
+    with SpillingCapture([m.model_name for m in sim_models], hold_bytes, store_inputs) as captured:
+        for rows, outputs in batches:
+            captured.add(rows, [{key: _host_array(t) for key, t in out.items()} for out in outputs])
+        yield captured
+
+
+def _flat_blocks(sim_models: list[SimilarityModel], outputs: list[dict[str, torch.Tensor]], offset: int,
+                 dtype: torch.dtype | None = None) -> list[list[torch.Tensor]]:
+    """Each model's layer outputs of one batch as (rows, features) blocks on their device, checked for NaN/Inf;
+    in ``dtype``, or (None) in the dtype a store would hold them."""
+    sides = []
+    for k, (model, out) in enumerate(zip(sim_models, outputs, strict=True), start=1):
+        blocks = [t.reshape(len(t), -1) for t in out.values()]
+        blocks = [_held(b) if dtype is None else b.to(dtype) for b in blocks]
+        for layer, block in zip(model.layers, blocks, strict=True):
+            check_finite(block, f"layer {layer!r} of sim_model{k} ({model.model_name})", offset)
+        sides.append(blocks)
+    return sides
 
 
 def _stream_moments(sim_models: list[SimilarityModel], batches: Iterable) -> tuple[LinearCKAMatrix, int]:
     """Feature route from live hooks: each batch goes straight into one ``LinearCKAMatrix``; nothing is stored."""
     acc = LinearCKAMatrix()
     n = 0
-    for _, (out1, out2) in batches:
-        xs = [t.reshape(len(t), -1).to(torch.float64) for t in out1.values()]
-        ys = [t.reshape(len(t), -1).to(torch.float64) for t in out2.values()]
-        for model, name, blocks in ((sim_models[0], "sim_model1", xs), (sim_models[1], "sim_model2", ys)):
-            for layer, block in zip(model.layers, blocks, strict=True):
-                check_finite(block, f"layer {layer!r} of {name} ({model.model_name})", n)
+    for _, outputs in batches:
+        xs, ys = _flat_blocks(sim_models, outputs, n, torch.float64)
         acc.update(xs, ys)
         n += len(xs[0])
     if n == 0:
         raise ValueError("The dataloader yielded no samples.")
     return acc, n
+
+
+def _stream_minibatches(sim_models: list[SimilarityModel], batches: Iterable, batch_size: int, precision: str,
+                        float32_grams: bool) -> MinibatchCKAMatrix:
+    """Minibatch CKA from live hooks: each batch goes straight into one ``MinibatchCKAMatrix``; nothing is stored.
+
+    Each side's Grams take the precision the engine gives a store of that model (``Engine.gram_precision``):
+    ``precision``, where "auto" is float64 when a layer is float64 and float32 otherwise.
+    """
+    acc = None
+    n = 0
+    for _, outputs in batches:
+        xs, ys = _flat_blocks(sim_models, outputs, n)
+        if acc is None:
+            dtypes = ["float64" if any(b.dtype == torch.float64 for b in side) else "float32" for side in (xs, ys)]
+            acc = MinibatchCKAMatrix(batch_size=batch_size, precision=tuple(
+                resolve_precision(precision, dtype, float32_grams) for dtype in dtypes))
+        acc.update(xs, ys)
+        n += len(xs[0])
+    if acc is None:
+        raise ValueError("The dataloader yielded no samples.")
+    return acc
 
 
 class Similarity:
@@ -130,6 +165,13 @@ class Similarity:
         How Gram products are formed (``measure.engine.EngineConfig``): ``"auto"`` takes the
         compensated float32 scheme for float32/float16 activations, float64 for float64 ones
         and for the measures that need float64 Grams.
+    memory_budget : int, default=1 GiB
+        Bytes of activations held at once (``EngineConfig.memory_budget``): captured
+        activations stay in memory while they fit half of it and are spilled to a temporary
+        store on disk beyond that (removed afterwards); the engine reads them within the rest,
+        or within all of it once spilled. Per-batch estimators (``cka_minibatch``) and the
+        feature route hold one batch whatever the budget. Grams (n × n per layer) and the
+        models come on top.
     **options
         Options of the measure (see ``measure.MEASURES[name].options``).
 
@@ -145,13 +187,15 @@ class Similarity:
     similarity_name = "CKA"
 
     def __init__(self, sim_model1: SimilarityModel, sim_model2: SimilarityModel,
-                 device: str | torch.device | None = None, **options: Any) -> None:
+                 device: str | torch.device | None = None, *, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 **options: Any) -> None:
         for i, m in enumerate((sim_model1, sim_model2), start=1):
             if not isinstance(m, SimilarityModel):
                 raise TypeError(f"sim_model{i} must be an extract.SimilarityModel, got {type(m).__name__}.")
         self.sim_model1 = sim_model1
         self.sim_model2 = sim_model2
         self.device = device
+        self.memory_budget = memory_budget
         self.precision = options.pop("precision", "auto")  # Gram precision (``EngineConfig.precision``)
         self.options = options
         self.sim_matrix: np.ndarray | None = None
@@ -161,9 +205,18 @@ class Similarity:
         """The layer × layer matrix over every sample of ``dataloader`` (rows: sim_model1)."""
         spec = get_measure(self.measure)
         options = spec.resolve_options(self.options)
+        budget = self.memory_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            raise MeasureError(f"memory_budget must be a positive number of bytes (for example 2**30 for 1 GiB), "
+                               f"got {budget!r}.")
         device = default_device(self.device)
         models = [self.sim_model1, self.sim_model2]
         batches = _forward_batches(models, dataloader, device)
+        if spec.statistic == "gram_blocks":  # a per-batch estimator: each batch is used, then dropped
+            acc = _stream_minibatches(models, batches, options["batch_size"], self.precision, spec.float32_grams)
+            self.result = self._from_batches(spec, options, acc)
+            self.sim_matrix = self.result.matrix
+            return self.sim_matrix
         if spec.feature_route:
             first = next(batches, None)
             batches = itertools.chain([first] if first is not None else [], batches)
@@ -171,9 +224,12 @@ class Similarity:
                 self.result = self._from_moments(spec, options, *_stream_moments(models, batches))
                 self.sim_matrix = self.result.matrix
                 return self.sim_matrix
-        stores = _to_stores(models, batches, store_inputs=spec.needs_confounder)
-        engine = Engine(stores, device=device, precision=self.precision)
-        self.result = engine.run([(self.measure, options)], [(0, 1)])[0]
+        with _to_stores(models, batches, spec.needs_confounder, budget // 2) as captured:
+            stores = captured.finish()
+            engine = Engine(stores, device=device, precision=self.precision,
+                            memory_budget=budget - captured.held_bytes)
+            self.result = engine.run([(self.measure, options)], [(0, 1)])[0]
+            del stores, engine
         self.sim_matrix = self.result.matrix
         return self.sim_matrix
 
@@ -192,17 +248,27 @@ class Similarity:
         if spec.feature_route == "cka_debiased":
             check_min_samples(n, 4, spec.name, "unbiased HSIC")
         out = acc.compute()
+        reason = "its self-HSIC is zero (a constant layer) or negative; leave the layer out"
         bad_rows, bad_cols = out[f"{spec.feature_route}_undefined"]
-        if bad_rows or bad_cols:
-            model, layer = ((self.sim_model1, self.sim_model1.layers[bad_rows[0]]) if bad_rows
-                            else (self.sim_model2, self.sim_model2.layers[bad_cols[0]]))
-            undefined_value(spec.name, f"layer {layer!r} of {model.model_name!r}",
-                            "its self-HSIC is zero (a constant layer) or negative; leave the layer out",
-                            advice=("", ""))
-        matrix = out[spec.feature_route].detach().to("cpu", torch.float64).numpy()
+        self._raise_undefined(spec, [(k, reason) for k in bad_rows], [(k, reason) for k in bad_cols])
+        return self._pair_result(spec, options, out[spec.feature_route], {"route": "features"})
+
+    def _from_batches(self, spec, options: dict[str, Any], acc: MinibatchCKAMatrix) -> PairResult:
+        out = acc.compute()
+        self._raise_undefined(spec, *out["undefined"])
+        return self._pair_result(spec, options, out[spec.name], {})
+
+    def _raise_undefined(self, spec, rows: list[tuple[int, str]], cols: list[tuple[int, str]]) -> None:
+        """Raise naming the first undefined layer, a row (layer of sim_model1) before a column."""
+        if rows or cols:
+            model, (k, reason) = (self.sim_model1, rows[0]) if rows else (self.sim_model2, cols[0])
+            undefined_value(spec.name, f"layer {model.layers[k]!r} of {model.model_name!r}", reason, advice=("", ""))
+
+    def _pair_result(self, spec, options: dict[str, Any], matrix: torch.Tensor, extras: dict[str, Any]) -> PairResult:
         return PairResult(measure=spec.name, options=options, store_a=self.sim_model1.model_name,
                           store_b=self.sim_model2.model_name, rows=list(self.sim_model1.layers),
-                          cols=list(self.sim_model2.layers), matrix=matrix, spec=spec, extras={"route": "features"})
+                          cols=list(self.sim_model2.layers), matrix=matrix.detach().to("cpu", torch.float64).numpy(),
+                          spec=spec, extras=extras)
 
     def plot_similarity(self, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
                         savefig: bool = False, save_path: str | os.PathLike[str] = "output",
@@ -287,6 +353,18 @@ class Procrustes(Similarity):
         if output != "similarity":
             self.measure = f"procrustes_{output}"
             self.similarity_name = f"Procrustes {output} distance"
+
+
+class MinibatchCKA(Similarity):
+    """Minibatch linear CKA (Nguyen, Raghu & Kornblith 2021): unbiased HSIC summed over batches of ``batch_size``.
+
+    Streamed: each batch of activations is used as the hooks produce it and dropped, so memory is one
+    batch whatever the loader's length. Batches are ``batch_size`` consecutive samples, regrouped from the
+    loader's own batches; a last partial batch is left out. The measure is ``measure.measures.cka.MinibatchCKA``.
+    """
+
+    measure = "cka_minibatch"
+    similarity_name = "Minibatch CKA"
 
 
 class CCA(Similarity):
