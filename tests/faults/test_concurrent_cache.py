@@ -77,6 +77,7 @@ def test_runs_started_together_share_one_fresh_cache(zoo, subprocess_env):
             assert results.keys() == reference.keys()
             for key, (rows, cols, matrix) in results.items():
                 assert (rows, cols) == reference[key][:2]
+                # equal: a cached Gram is the stored bits of the one the lone run computes the same way
                 np.testing.assert_array_equal(matrix, reference[key][2], err_msg=str((repeat, k, key)))
         assert computed >= n_statistics  # every statistic was computed by at least one of the runs
         later = subprocess.run(_argv(paths, root / f"later{repeat}", "--cache", cache), cwd=REPO_ROOT,

@@ -251,6 +251,7 @@ def test_prepared_layers_are_stacked_once_and_pairs_use_them(tmp_path):
         assert p.left.data_ptr() == a.stacked["left"][k].data_ptr()
         assert p.right.data_ptr() == p.left.data_ptr()  # cka's right vector is its left one
     plain = bilinear_matrix(list(a), list(b))  # plain lists: stacked on the fly
+    # equal by construction: the same stacked vectors multiplied in the same product, stacked before or on the fly
     np.testing.assert_array_equal(bilinear_matrix(a, b).numpy(), plain.numpy())
 
 

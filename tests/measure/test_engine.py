@@ -305,7 +305,7 @@ def test_engine_config_is_the_same_as_keywords(stores):
     assert by_config.layers == by_keywords.layers == [["wide"], ["l1", "l2"]]
     assert by_config.memory_budget == 4000 and by_config.undefined == "nan" and by_config.precision == "float64"
     got, want = (e.run([("cka", {"route": "gram"})], [(0, 1)])[0].matrix for e in (by_config, by_keywords))
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, want)  # one configuration, so the same path on the same data
     with pytest.raises(TypeError, match="not both"):
         Engine(list(made), config=config, device="cpu")
 

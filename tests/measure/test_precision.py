@@ -61,6 +61,7 @@ def test_float32_scheme_ignores_a_tf32_setting_and_restores_it():
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
+        # equal by construction: the scheme switches TF32 off, so the same float32 products run again
         assert torch.equal(linear_gram(x, "float32"), reference)
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
@@ -105,6 +106,7 @@ def test_float32_blocks_assemble_the_gram_with_any_shift():
     scale = float((xc @ xc.T).abs().max())
     assert float((top - k_ref[:30, :30]).abs().max()) <= 1e-6 * scale
     assert float((cross - k_ref[:30, 30:]).abs().max()) <= 1e-6 * scale
+    # equal by construction: the float64 cross block is this very product (one matmul of the same operands)
     assert torch.equal(cross_gram(x[:30], x[30:]), x[:30].double() @ x[30:].double().T)
 
 
@@ -194,7 +196,7 @@ def test_cache_keeps_float32_and_float64_grams_apart(pair_stores, tmp_path):
     assert again.statistics_computed == 0
     for s, layers in enumerate(again.layers):
         for layer in layers:
-            assert torch.equal(again.gram(s, layer), fast.gram(s, layer))
+            assert torch.equal(again.gram(s, layer), fast.gram(s, layer))  # a cache hit: the stored bits
 
 
 def test_cli_precision_flag(pair_stores, tmp_path, capsys):
