@@ -1,9 +1,11 @@
 """Heatmaps of layer × layer matrices: ``plot_matrix`` (matplotlib Axes), ``Heatmaps`` and ``heatmap_png`` (PNG bytes).
 
-``Heatmaps`` draws many PNGs on reused figures: one figure per set of layer names and colour scale,
-laid out once (constrained layout depends on the tick labels and the colour bar, not on the title's
-or axis labels' text), then only the image, the printed values and the titles change from one
-result to the next. Each PNG is the same, byte for byte, as a figure drawn afresh for that result.
+``Heatmaps`` draws many PNGs on reused figures, laid out once; then only the image, the printed
+values and the titles change from one result to the next. Constrained layout depends on the tick
+labels, the colour bar and the thickness of the title and axis labels (their height, or width for
+the rotated y label: a name with a descender, ``g`` or ``y``, is taller than one without), not on
+their length. So a figure serves every result with the same layer names, colour scale and label
+thicknesses, and each PNG is the same, byte for byte, as a figure drawn afresh for that result.
 """
 
 from __future__ import annotations
@@ -89,14 +91,23 @@ def _colour_range(result: PairResult) -> tuple[float, float]:
     return float(np.nanmin(result.matrix)), float(np.nanmax(result.matrix))
 
 
+def _thickness(ax) -> tuple[float, float, float]:
+    """What constrained layout reads of the title and axis labels: the title's and x label's heights, the
+    (rotated) y label's width, in pixels."""
+    renderer = ax.figure.canvas.get_renderer()
+    return (round(ax.title.get_window_extent(renderer).height, 3),
+            round(ax.xaxis.label.get_window_extent(renderer).height, 3),
+            round(ax.yaxis.label.get_window_extent(renderer).width, 3))
+
+
 class Heatmaps:
     """PNG heatmaps of results, drawn on a few reused figures.
 
     Parameters
     ----------
     keep : int
-        Figures kept open at once (one per set of row names, column names and colour scale); the
-        least recently used is closed beyond that.
+        Figures kept open at once (one per set of row names, column names, colour scale and label
+        thicknesses); the least recently used is closed beyond that.
 
     Examples
     --------
@@ -115,13 +126,22 @@ class Heatmaps:
         matplotlib.use("Agg")
         vmin, vmax = _colour_range(result)
         titles = (f"{result.measure}: {result.store_a} vs {result.store_b}", result.store_b, result.store_a)
-        key = (tuple(result.rows), tuple(result.cols), vmin, vmax)
-        ax = self._figures.pop(key, None)
+        base = (tuple(result.rows), tuple(result.cols), vmin, vmax)
+        key = ax = None
+        similar = [k for k in self._figures if k[0] == base]
+        if similar:  # measure the new titles' thickness on a figure of the same layout
+            probe = self._figures[similar[-1]]
+            _set_titles(probe, *titles)
+            key = (base, _thickness(probe))
+            ax = self._figures.pop(key, None)
         if ax is None:
             ax = plot_matrix(result.matrix, result.rows, result.cols, title=titles[0], xlabel=titles[1],
                              ylabel=titles[2], value_range=(vmin, vmax))
             ax.figure.draw_without_rendering()  # the constrained layout, once for this figure
             ax.figure.set_layout_engine(None)
+            key = (base, _thickness(ax))
+            if key in self._figures:
+                self._close(self._figures.pop(key))
         else:
             _set_values(ax, result.matrix, vmin, vmax)
             _set_titles(ax, *titles)

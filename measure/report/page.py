@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import atomic_write_bytes
-from .heatmaps import heatmap_png
+from .heatmaps import Heatmaps
 from .overview import measure_overview, overview_svg, page_data
 from .zoo import natural_order
 
@@ -127,7 +127,8 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
                         "views": o.views, "svg": overview_svg(o), "overview": o})
     details = []
     if len(names) <= DETAIL_MAX_STORES:
-        details = [_measure_details(m, results, idx, dict(pngs or {})) for m, idx in measures.items()]
+        with Heatmaps() as heatmaps:  # the PNGs not given, drawn on reused figures
+            details = [_measure_details(m, results, idx, dict(pngs or {}), heatmaps) for m, idx in measures.items()]
     context = {
         "title": title, "version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": device, "n_results": len(results), "n_stores": len(stores), "css": _asset("report.css"),
@@ -161,14 +162,14 @@ def _store_rows(stores: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
 
 
 def _measure_details(m: str, results: Sequence[PairResult], indices: Sequence[int],
-                     pngs: Mapping[int, bytes]) -> dict[str, Any]:
+                     pngs: Mapping[int, bytes], heatmaps: Heatmaps) -> dict[str, Any]:
     """One measure's layer × layer section: heatmaps (ids ``r<result index>``), corresponding layers, best matches."""
     from markupsafe import Markup
 
     own = [results[i] for i in indices]
     first = own[0]
     heatmaps = [{"id": f"r{i}", "a": results[i].store_a, "b": results[i].store_b,
-                 "src": "data:image/png;base64," + base64.b64encode(pngs.get(i) or heatmap_png(results[i])).decode()}
+                 "src": "data:image/png;base64," + base64.b64encode(pngs.get(i) or heatmaps.png(results[i])).decode()}
                 for i in indices]
     cross = [r for r in own if r.store_a != r.store_b]
     shared = [r for r in cross if r.rows == r.cols]
