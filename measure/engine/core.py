@@ -12,8 +12,10 @@ API feeds it ``MemoryStore``s.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ from extract.store.reductions import check_reductions, reduce_store
 
 from ..accumulators.cka import choose_route
 from ..errors import MeasureError
-from ..functional._bilinear import PreparedLayers, SharedProducts
+from ..functional._bilinear import Prepared, PreparedLayers, SharedProducts
 from ..functional.gram import PRECISION_CHOICES, resolve_precision
 from ..functional.moments import cka_from_moments, pair_moments, unpack_self_moments
 from ..registry import get_measure
@@ -35,6 +37,7 @@ from .config import EngineConfig, default_device
 from .layer_statistics import LayerStatistics
 from .results import PairResult
 from .streaming import layer_widths
+from .tiles import Row, plan_budget, prepared_bytes, tiled_pair_matrices
 
 __all__ = ["Engine", "EngineConfig", "PairResult", "check_comparable", "default_device", "select_layers"]
 
@@ -126,6 +129,11 @@ class Engine:
             warnings.warn(message + " (compared anyway: --mixed-reductions).", stacklevel=2)
         self._progress = config.progress or (lambda message: None)
         self._planned: dict[str, Any] = {}  # measures of this engine's runs, by name (``plan``)
+        self._spill: tempfile.TemporaryDirectory | None = None  # a temporary statistics cache (``_ensure_cache``)
+        self._probe_type: type | None = None
+        self._reported: set[Row] = set()
+        self._row_extras: dict[Row, dict[str, Any]] = {}
+        self._zoo = False  # whether the current run compares more than two stores (``run``)
         self.layer_statistics = LayerStatistics(self.stores, self.layers, device=self.device,
                                                 memory_budget=config.memory_budget, precision=config.precision,
                                                 cache=config.cache, progress=self._progress)
@@ -195,11 +203,7 @@ class Engine:
     def prepared(self, spec: Any, options: dict[str, Any], s: int,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Any]:
         """The measure's per-layer objects for every selected layer of store ``s`` (``out``: see PreparedLayers)."""
-        if spec.statistic == "gram_blocks":
-            b = options["batch_size"]
-            n = self.stores[s].n_samples
-            if not (isinstance(b, int) and 4 <= b <= n):
-                raise MeasureError(f"batch_size must be an integer between 4 and {n}, got {b!r}.")
+        self._check_batch_size(spec, options, s)
         confounder = self.confounder() if spec.needs_confounder else None
         items = []
         for layer in self.layers[s]:
@@ -208,6 +212,13 @@ class Engine:
                 self._undefined(spec, s, layer, p.reason, stacklevel=2)
             items.append(p)
         return PreparedLayers(items, out=out)  # stacked once: each pair is then a matrix product, no copies
+
+    def _check_batch_size(self, spec: Any, options: dict[str, Any], s: int) -> None:
+        if spec.statistic == "gram_blocks":
+            b = options["batch_size"]
+            n = self.stores[s].n_samples
+            if not (isinstance(b, int) and 4 <= b <= n):
+                raise MeasureError(f"batch_size must be an integer between 4 and {n}, got {b!r}.")
 
     def prepare_together(self, spec: Any, options: dict[str, Any],
                          stores: Sequence[int], release: bool = False) -> dict[int, list[Any]]:
@@ -274,7 +285,10 @@ class Engine:
         debiased = spec.feature_route == "cka_debiased"
         cross = {}
         for terms in ("products", "fourth") if debiased else ("products",):
-            cross.update(stats.get(stats.key("cross_moments", (i, j), precisions=precisions, terms=terms)))
+            key = stats.key("cross_moments", (i, j), precisions=precisions, terms=terms)
+            cross.update(stats.get(key))
+            if self._zoo and (terms == "fourth" or stats.held_bytes("cross_moments") > self.memory_budget // 4):
+                stats.drop(key)  # kept for the other estimator of the run only while a quarter of the budget holds them
         moments = pair_moments(self.stores[i].n_samples, *selfs, cross, same=i == j)
         out = cka_from_moments(moments, *(layer_widths(self.stores[s], self.layers[s]) for s in (i, j)),
                                debiased=debiased)
@@ -299,17 +313,111 @@ class Engine:
         for spec, _ in measures:
             self.check_precision(spec)
         last_gram = max((k for k, (spec, _) in enumerate(measures) if spec.statistic == "gram"), default=-1)
+        # a zoo (more than two stores) holds its statistics within the budget; a single pair holds its own
+        self._zoo = len({s for pair in pairs for s in pair}) > 2
         for index, (spec, given) in enumerate(measures):
             options = spec.resolve_options(given)
             kernel_stores = list(dict.fromkeys(s for i, j in pairs if self.route(spec, options, i, j) == "gram"
                                                for s in (i, j)))
+            rows = [Row(s, k) for s in kernel_stores for k in range(len(self.layers[s]))] if self._zoo else []
+            grams_fit = not rows or self._fits(spec, options, rows, self._statistic_bytes(spec, options, kernel_stores))
             if spec.statistic == "gram":  # every missing Gram, computed in the order used (read ahead); the
                 # cached ones are loaded store by store as they are prepared, and after the last measure
                 # that needs them released again, so a zoo's Grams are never all held at once
-                self.layer_statistics.prefetch(self.gram_keys(kernel_stores, spec), load=False)
+                if not grams_fit:
+                    self._ensure_cache()
+                self.layer_statistics.prefetch(self.gram_keys(kernel_stores, spec), load=False, hold=grams_fit)
+            if rows and not self._fits(spec, options, rows, self._prepared_bytes(spec, options, rows[0])):
+                results += self._tiled(spec, options, rows, pairs)
+                continue
             prepared = self.prepare_together(spec, options, kernel_stores, release=release and index == last_gram)
             results += [self._pair(spec, options, prepared, i, j) for i, j in pairs]
             del prepared
+        return results
+
+    # ------------------------------------------------------------------ tiles (zoos beyond the budget)
+    def _transient_bytes(self, spec: Any, options: dict[str, Any], stores: Sequence[int]) -> int:
+        """Memory taken while one layer is prepared: its statistic, the kernel's temporaries and the
+        prepared layer before it joins its block (four statistics' worth)."""
+        return 4 * self._statistic_bytes(spec, options, stores)
+
+    def _statistic_bytes(self, spec: Any, options: dict[str, Any], stores: Sequence[int]) -> int:
+        """The largest per-layer statistic of ``spec`` over ``stores``, in float64 bytes."""
+        n = self.stores[0].n_samples
+        if spec.statistic == "gram":
+            return 8 * n * n
+        if spec.statistic == "gram_blocks":
+            return 8 * n * int(options["batch_size"])
+        widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
+        return 8 * n * max(widths)
+
+    def _prepared_bytes(self, spec: Any, options: dict[str, Any], row: Row) -> int:
+        """Bytes of one prepared layer (the first row's, measured; at least its statistic's for the
+        measures whose prepared size varies from layer to layer)."""
+        item = self._prepare_row(spec, options, row, report=False)
+        size = prepared_bytes(item)
+        del item
+        if isinstance(self._probe_type, type) and issubclass(self._probe_type, Prepared):
+            return size  # every layer's vectors have one length
+        return max(size, self._statistic_bytes(spec, options, [row.s]))
+
+    def _fits(self, spec: Any, options: dict[str, Any], rows: Sequence[Row], row_bytes: int) -> bool:
+        """Whether ``rows`` of ``row_bytes`` each, plus the transient memory, fit the memory budget."""
+        stores = list(dict.fromkeys(row.s for row in rows))
+        return len(rows) * row_bytes + self._transient_bytes(spec, options, stores) <= self.memory_budget
+
+    def _ensure_cache(self) -> None:
+        """A cache to reload statistics from: the configured one, else a temporary one removed with the engine."""
+        if self.layer_statistics.cache is not None:
+            return
+        from .cache import StatisticsCache
+
+        self._spill = tempfile.TemporaryDirectory(prefix="simtorch-statistics-")
+        self.layer_statistics.cache = StatisticsCache(Path(self._spill.name) / "cache.zarr")
+
+    def _prepare_row(self, spec: Any, options: dict[str, Any], row: Row, report: bool = True) -> Any:
+        """The measure's per-layer object of ``row``; its statistic is released again when the cache holds it."""
+        layer = self.layers[row.s][row.k]
+        self._check_batch_size(spec, options, row.s)
+        confounder = self.confounder() if spec.needs_confounder else None
+        key = None
+        if spec.statistic == "gram":
+            key = self.layer_statistics.key("gram", row.s, layer, precision=self.gram_precision(spec, row.s))
+        item = spec.prepare(self.statistic(spec, row.s, layer, options), confounder=confounder, **options)
+        if key is not None and report:  # (the probe of ``_prepared_bytes`` keeps it for the untiled run)
+            self.layer_statistics.release_key(key)
+        self._probe_type = type(item)
+        if report and not getattr(item, "defined", True) and row not in self._reported:
+            self._reported.add(row)
+            self._undefined(spec, row.s, layer, item.reason, stacklevel=4)
+        if report and getattr(item, "extras", None):
+            self._row_extras[row] = dict(item.extras)
+        return item
+
+    def _tiled(self, spec: Any, options: dict[str, Any], rows: list[Row],
+               pairs: Sequence[tuple[int, int]]) -> list[PairResult]:
+        """Every pair of ``pairs`` from tiles of the all-pairs products (``measure.engine.tiles``)."""
+        stores = list(dict.fromkeys(row.s for row in rows))
+        block = plan_budget(self._prepared_bytes(spec, options, rows[0]),
+                            self._transient_bytes(spec, options, stores), self.memory_budget)
+        self._reported, self._row_extras = set(), {}
+        matrices = tiled_pair_matrices(rows, lambda row: self._prepare_row(spec, options, row), spec.pair_matrix,
+                                       pairs, [len(layers) for layers in self.layers], block, self._progress)
+        results = []
+        for i, j in pairs:
+            if self.route(spec, options, i, j) == "features":
+                results.append(self._pair(spec, options, {}, i, j))
+                continue
+            extras: dict[str, Any] = {}
+            for side, s in (("rows", i), ("cols", j)):
+                per_layer = {layer: self._row_extras[Row(s, k)] for k, layer in enumerate(self.layers[s])
+                             if Row(s, k) in self._row_extras}
+                if per_layer:
+                    extras[side] = per_layer
+            results.append(PairResult(measure=spec.name, options=options, store_a=self.stores[i].name,
+                                      store_b=self.stores[j].name, rows=list(self.layers[i]),
+                                      cols=list(self.layers[j]), matrix=matrices[i, j], spec=spec, extras=extras))
+            self._progress(f"{spec.name} {self.stores[i].name} × {self.stores[j].name}")
         return results
 
     def _pair(self, spec: Any, options: dict[str, Any], prepared: dict[int, list[Any]], i: int, j: int) -> PairResult:

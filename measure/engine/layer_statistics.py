@@ -169,15 +169,17 @@ class LayerStatistics:
             return self._held[key]
         return self._obtain([key])[0][key]
 
-    def prefetch(self, keys: Iterable[StatisticKey], load: bool = True) -> None:
+    def prefetch(self, keys: Iterable[StatisticKey], load: bool = True, hold: bool = True) -> None:
         """Obtain the held statistics ``keys`` together, in order.
 
         The cache is consulted on several threads; what it lacks is computed in order, Grams by
         ``layer_grams``, which reads the next layer while the current one is multiplied, and
         written to the cache on a background thread. ``load=False`` only notes which ones the
-        cache holds (``get`` loads them when asked).
+        cache holds (``get`` loads them when asked). ``hold=False`` (with a cache) keeps none of
+        the computed ones in memory once written, so a zoo's Grams are computed one at a time
+        (``get`` reloads them): at most two are held, one being written while the next is formed.
         """
-        self._obtain(keys, load=load)
+        self._obtain(keys, load=load, hold=hold)
 
     def missing(self, keys: Iterable[StatisticKey]) -> list[StatisticKey]:
         """Of ``keys``, those neither in memory nor in the cache (the others are loaded and kept).
@@ -199,13 +201,34 @@ class LayerStatistics:
         for key in [k for k in self._held if k.kind == kind and k.store == store and k in self._reloadable]:
             del self._held[key]
 
+    def release_key(self, key: StatisticKey) -> None:
+        """Forget the held statistic ``key`` when the cache holds it (``get`` reloads it)."""
+        if key in self._reloadable:
+            self._held.pop(key, None)
+
+    def drop(self, key: StatisticKey) -> None:
+        """Forget the held statistic ``key`` (computed again if asked for again)."""
+        self._held.pop(key, None)
+
+    def held_bytes(self, kind: str) -> int:
+        """Bytes of the tensors held for statistics of ``kind``."""
+        def size(value: Any) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.numel() * value.element_size()
+            if isinstance(value, dict):
+                return sum(size(v) for v in value.values())
+            if isinstance(value, (list, tuple)):
+                return sum(size(v) for v in value)
+            return 0
+        return sum(size(value) for key, value in self._held.items() if key.kind == kind)
+
     def held(self, kind: str | None = None) -> list[StatisticKey]:
         """The keys of the statistics in memory (of ``kind``, or all)."""
         return [key for key in self._held if kind is None or key.kind == kind]
 
     # ------------------------------------------------------------------ the one path
     def _obtain(self, keys: Iterable[StatisticKey], *, load: bool = True, compute: bool = True,
-                keep: bool = False) -> tuple[dict[StatisticKey, Any], list[StatisticKey]]:
+                keep: bool = False, hold: bool = True) -> tuple[dict[StatisticKey, Any], list[StatisticKey]]:
         """Memory → cache → compute for ``keys``: (the values obtained now, the keys left to compute).
 
         ``compute=False`` leaves the missing ones to the caller; ``keep``: what the cache gave is
@@ -230,15 +253,25 @@ class LayerStatistics:
             written: list[tuple[StatisticKey, Future]] = []
             for key, value in self._compute(missing):
                 self._count(key)
-                if self.cache is not None and KINDS[key.kind].cached:
+                cached = self.cache is not None and KINDS[key.kind].cached
+                if cached:
+                    if not hold and written:  # one write in flight: the Grams are not piled up in memory
+                        self._finish_write(*written.pop())
                     written.append((key, writer.submit(self._write, key, self._to_array(key, value))))
-                got[key] = self._hold(key, value)
+                if hold or not cached:
+                    got[key] = self._hold(key, value)
+                del value
                 if KINDS[key.kind].announced:
                     self._progress(f"{key.kind} {self._describe(key)}")
             for key, future in written:
-                if future.result() and KINDS[key.kind].held:  # a failed write stops the run here, as inline
-                    self._reloadable.add(key)
+                self._finish_write(key, future)
         return got, []
+
+    def _finish_write(self, key: StatisticKey, future: Future) -> None:
+        """Wait for a cache write; a held kind is then reloadable (a failed write stops the run here)."""
+        if future.result() and KINDS[key.kind].held:
+            self._reloadable.add(key)
+
 
     def _lookup(self, keys: list[StatisticKey], load: bool) -> list[Any]:
         """Per key: the cached array (``load``), True when the cache holds it (not ``load``), else None."""
