@@ -15,7 +15,8 @@ def zoo_results(n_models: int, n_layers: int = 4, measures=ZOO_MEASURES, *, fami
     """Stores ``m0 … m<n-1>`` in ``families`` groups, every measure on every pair a run would compute.
 
     Symmetric measures get one result per unordered pair (self pairs included), asymmetric ones one per
-    ordered pair. Values: 1 on a model's own layer diagonal, higher within a family than across.
+    ordered pair. Values: 1 on a model's own layer diagonal, higher within a family than across, and for
+    an asymmetric measure lower below the diagonal of stores than above.
 
     Returns
     -------
@@ -33,6 +34,8 @@ def zoo_results(n_models: int, n_layers: int = 4, measures=ZOO_MEASURES, *, fami
         for a in range(n_models):
             for b in range(a if spec.symmetric else 0, n_models):
                 level = 1.0 if a == b else 0.8 if family[a] == family[b] else 0.45
+                if not spec.symmetric and a > b:
+                    level *= 0.8  # an asymmetric measure: S(A, B) differs from S(B, A)ᵀ
                 s = level * decay
                 if a != b:
                     s = np.clip(s + 0.05 * rng.random(s.shape), 0.0, 1.0)

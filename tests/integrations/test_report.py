@@ -291,3 +291,41 @@ def test_no_report_flag(run, tmp_path):
     assert pipeline.main(["measure", str(stores / "seedA.zarr"), "--measures", "cka", "--out", str(out),
                           "--quiet", "--no-report"]) == 0
     assert (out / "manifest.json").exists() and not (out / "report.html").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (bash .ci/setup test installs it)")
+def test_a_64_model_zoo_report_opens_and_responds_in_chromium(tmp_path):
+    """64 models × 4 layers × 4 measures (synthetic results): the page, at most 10 MB, loads without errors with its
+    four overviews, a click opens the pair's matrix at once, oriented as computed (linreg: rows are the row
+    model's layers, S(A, B) and not S(B, A)ᵀ), and the view menu redraws the overview."""
+    from _zoo_results import ZOO_MEASURES, zoo_results
+
+    from measure import MEASURES
+    from measure.report import write_report
+    from measure.report.zoo import best_match
+
+    names, results, stores = zoo_results(64)
+    out = tmp_path / "zoo64"
+    out.mkdir()
+    report = write_report(results, out, stores=stores, device="cpu")
+    assert report.stat().st_size <= 10 * 2**20
+    linreg = ZOO_MEASURES.index("linreg")
+    clicks = [(linreg, i, j) for i, j in [(0, 1), (1, 0), (5, 60), (60, 5), (33, 33)]] + [(0, 63, 0), (1, 7, 8)]
+    seen = _zoo_probe(report, tmp_path, clicks)
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["overviews"] == seen["overviewsShown"] == 4 and seen["dendrograms"] == [63] * 4
+    assert seen["overviewBeforeRun"] and 0 <= seen["firstMatrixTop"] < seen["viewport"], seen
+    assert all(sorted(rows, key=lambda s: int(s[1:])) == names for rows in seen["rowNames"])
+    assert seen["slowestClickMs"] < 500, seen["slowestClickMs"]
+    assert [s["changed"] and s["visible"] and s["name"] == "layer layer0" for s in seen["switched"]] == [True] * 4
+    by_pair = {(r.measure, r.store_a, r.store_b): r for r in results}
+    for o in seen["opened"]:
+        k, i, j = o["click"]
+        a, b = seen["rowNames"][k][i], seen["rowNames"][k][j]
+        assert o["shown"] and o["head"] == f"{ZOO_MEASURES[k]}: {a} (rows) vs {b} (columns)", o
+        r = by_pair.get((ZOO_MEASURES[k], a, b))
+        matrix = r.matrix if r else by_pair[ZOO_MEASURES[k], b, a].matrix.T  # a symmetric measure's other order
+        s = best_match(matrix, MEASURES[ZOO_MEASURES[k]].kind)
+        assert float(o["cellTip"].rsplit(": ", 1)[1]) == pytest.approx(s, rel=1e-3), o
+        values = [float(t.rsplit(": ", 1)[1]) for t in o["cellTips"]]
+        np.testing.assert_allclose(values, matrix.ravel(), rtol=1e-3)

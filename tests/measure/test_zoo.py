@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,79 @@ def test_docs_pandas_lines_derive_every_view_from_the_tidy_table(tmp_path, monke
             for (a, b), value in got.items():
                 assert value == pytest.approx(lv.values[names.index(a), names.index(b)], nan_ok=True)
             assert lv.known.sum() == len(got)
+
+
+def _svg_cells(page: str, measure_index: int = 0) -> dict[tuple[str, str], str]:
+    """(row store, column store) -> the value printed in that cell of the page's overview SVG."""
+    svg = re.findall(r'<svg class="matrix".*?</svg>', page, re.S)[measure_index]
+    names = re.findall(r"<text x=\"[-0-9.]+\" y=\"[-0-9.]+\">([^<]*)</text>", svg.split('<g class="cells">')[0])
+    texts = re.findall(r"<text [^>]*>([^<]*)</text>", svg.split('<g class="vals"')[1].split("</g>")[0])
+    n = len(names)
+    assert len(texts) == n * n
+    return {(names[i], names[j]): texts[i * n + j] for i in range(n) for j in range(n)}
+
+
+def test_the_page_shows_rows_as_the_first_model_and_one_nan_keeps_its_cell():
+    """linreg, rows = store_a: a transposed overview (S(B, A) in row A) fails here, in the printed cells and in
+    the numbers the page's script reads; one undefined layer pair leaves its cell defined."""
+    from measure.report import render_report
+
+    ab = np.array([[0.9, 0.1], [0.2, 0.3]])
+    ba = np.array([[0.4, 0.6], [0.5, 0.7]])
+    ab_nan = ab.copy()
+    ab_nan[0, 1] = np.nan
+    pairs = {("A", "B"): ab_nan, ("B", "A"): ba, ("A", "C"): 0.5 * ab, ("C", "A"): 0.5 * ba, ("B", "C"): 0.8 * ab,
+             ("C", "B"): 0.8 * ba, **{(s, s): np.eye(2) for s in "ABC"}}
+    results = [_result("linreg", a, b, m, ["x", "y"], ["x", "y"]) for (a, b), m in pairs.items()]
+    page = render_report(results, stores={s: {"layers": ["x", "y"]} for s in "ABC"})
+    cells = _svg_cells(page)
+    for (a, b), m in pairs.items():
+        assert cells[a, b] == f"{best_match(m):.3f}", (a, b)
+    assert cells["A", "B"] == f"{best_match(ab_nan):.3f}" != "NaN"  # rows 0.9, 0.3; columns 0.9, 0.3
+    assert best_match(ab_nan) == pytest.approx(0.6) and best_match(ab) == pytest.approx(0.6)
+    assert cells["B", "A"] == "0.625" != cells["A", "B"]  # rows 0.6, 0.7; columns 0.5, 0.7: not the transpose's
+    data = json.loads(re.search(r'<script type="application/json" id="zoo-data">(.*?)</script>', page, re.S).group(1))
+    m = data["measures"][0]
+    names = data["stores"]
+    for (a, b), matrix in pairs.items():
+        assert m["views"][0]["values"][names.index(a) * 3 + names.index(b)] == pytest.approx(best_match(matrix),
+                                                                                              rel=5e-4)
+        pair = next(p for p in m["pairs"] if (names[p[0]], names[p[1]]) == (a, b))  # the page's matrix, row by row
+        assert pair[4] == [("NaN" if np.isnan(v) else pytest.approx(v, rel=5e-4)) for v in matrix.ravel()]
+    layer_y = next(v for v in m["views"] if v["name"] == "layer y")["values"]
+    assert layer_y[names.index("B") * 3 + names.index("A")] == 0.7 and layer_y[names.index("A") * 3 + 1] == 0.3
+
+
+def test_a_64_model_report_stays_small_draws_no_png_and_keeps_every_view():
+    """64 models × 4 layers × 4 measures: at most 10 MB, no embedded image, stores in natural order, and every
+    embedded layer view equals S[l, l] of its pair's matrix."""
+    import time
+
+    from _zoo_results import zoo_results
+
+    from measure.report import write_report
+
+    names, results, stores = zoo_results(64)
+    out = Path(__import__("tempfile").mkdtemp())
+    t0 = time.perf_counter()
+    path = write_report(results, out, stores=stores, device="cpu")
+    seconds = time.perf_counter() - t0
+    page = path.read_text(encoding="utf-8")
+    assert len(page.encode()) <= 10 * 2**20, len(page.encode())
+    assert "<img" not in page and page.count('<svg class="matrix"') == 4
+    assert seconds < 60  # about 2 s on a quiet 2-core machine; drawing 10,336 PNGs would take an hour
+    stores_table = page[page.index('id="stores"'):]
+    assert re.findall(r"<tr><td>(m\d+)</td>", stores_table) == names  # natural order: m0, m1, m2, ..., m10
+    data = json.loads(re.search(r'id="zoo-data">(.*?)</script>', page, re.S).group(1))
+    assert data["stores"] == names
+    by_pair = {(r.measure, r.store_a, r.store_b): r for r in results}
+    for m in data["measures"]:
+        assert sorted(m["order"]) == list(range(64))
+        for view in m["views"][1:]:
+            layer = view["name"].removeprefix("layer ")
+            k = int(layer.removeprefix("layer"))
+            for a, b in [(0, 1), (1, 0), (5, 63), (63, 5), (10, 10), (2, 40)]:
+                r = by_pair.get((m["name"], names[a], names[b]))
+                expected = r.matrix[k, k] if r else by_pair[m["name"], names[b], names[a]].matrix[k, k]
+                assert view["values"][a * 64 + b] == pytest.approx(expected, rel=5e-4), (m["name"], layer, a, b)
+    shutil.rmtree(out)
