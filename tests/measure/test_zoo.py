@@ -240,9 +240,12 @@ def test_docs_pandas_lines_derive_every_view_from_the_tidy_table(tmp_path, monke
     results += [_result("linreg", "m0", "m1", [[0.9, 0.1, 0.2], [0.3, 0.5, 0.1], [0.2, 0.3, 0.4]]),
                 _result("linreg", "m1", "m0", [[0.4, 0.6, 0.1], [0.5, 0.7, 0.2], [0.3, 0.3, 0.8]])]
     results[4].matrix[0, 1] = np.nan
-    t = pd.DataFrame([(r.measure, r.store_a, la, r.store_b, lb, r.matrix[i, j])
-                      for r in results for i, la in enumerate(r.rows) for j, lb in enumerate(r.cols)],
-                     columns=["measure", "store_a", "layer_a", "store_b", "layer_b", "value"])
+    rows = [(r.measure, r.store_a, la, r.store_b, lb, r.matrix[i, j], False)
+            for r in results for i, la in enumerate(r.rows) for j, lb in enumerate(r.cols)]
+    rows += [(r.measure, r.store_b, lb, r.store_a, la, r.matrix[i, j], True)  # a symmetric measure's other order
+             for r in results if r.spec.symmetric and r.store_a != r.store_b
+             for i, la in enumerate(r.rows) for j, lb in enumerate(r.cols)]
+    t = pd.DataFrame(rows, columns=["measure", "store_a", "layer_a", "store_b", "layer_b", "value", "mirrored"])
     t.to_csv(tmp_path / "results.csv.gz", index=False)  # the table as the run writes it
     monkeypatch.chdir(tmp_path)
     scope = {}
