@@ -129,7 +129,7 @@ class Engine:
             warnings.warn(message + " (compared anyway: --mixed-reductions).", stacklevel=2)
         self._progress = config.progress or (lambda message: None)
         self._planned: dict[str, Any] = {}  # measures of this engine's runs, by name (``plan``)
-        self._spill: tempfile.TemporaryDirectory | None = None  # a temporary statistics cache (``_ensure_cache``)
+        self._spill: tempfile.TemporaryDirectory | None = None  # a temporary statistics cache (``ensure_cache``)
         self._probe_type: type | None = None
         self._reported: set[Row] = set()
         self._row_extras: dict[Row, dict[str, Any]] = {}
@@ -325,7 +325,7 @@ class Engine:
                 # cached ones are loaded store by store as they are prepared, and after the last measure
                 # that needs them released again, so a zoo's Grams are never all held at once
                 if not grams_fit:
-                    self._ensure_cache()
+                    self.ensure_cache()
                 self.layer_statistics.prefetch(self.gram_keys(kernel_stores, spec), load=False, hold=grams_fit)
             if rows and not self._fits(spec, options, rows, self._prepared_bytes(spec, options, rows[0])):
                 results += self._tiled(spec, options, rows, pairs)
@@ -366,7 +366,7 @@ class Engine:
         stores = list(dict.fromkeys(row.s for row in rows))
         return len(rows) * row_bytes + self._transient_bytes(spec, options, stores) <= self.memory_budget
 
-    def _ensure_cache(self) -> None:
+    def ensure_cache(self) -> None:
         """A cache to reload statistics from: the configured one, else a temporary one removed with the engine."""
         if self.layer_statistics.cache is not None:
             return

@@ -181,20 +181,24 @@ class LayerStatistics:
         """
         self._obtain(keys, load=load, hold=hold)
 
-    def missing(self, keys: Iterable[StatisticKey]) -> list[StatisticKey]:
-        """Of ``keys``, those neither in memory nor in the cache (the others are loaded and kept).
+    def missing(self, keys: Iterable[StatisticKey], load: bool = True) -> list[StatisticKey]:
+        """Of ``keys``, those neither in memory nor in the cache (the others are loaded and kept, or with
+        ``load=False`` only noted as in the cache, for ``get`` to load when asked).
 
         For work done elsewhere: the dask driver computes the missing ones as tasks and hands
         them in with ``provide``.
         """
-        return self._obtain(keys, compute=False, keep=True)[1]
+        return self._obtain(keys, load=load, compute=False, keep=load)[1]
 
-    def provide(self, key: StatisticKey, value: Any) -> None:
-        """Use ``value``, computed elsewhere (a dask worker), as the statistic ``key``: counted, cached and kept."""
-        self._hold(key, torch.as_tensor(value, dtype=torch.float64).to(self.device))
+    def provide(self, key: StatisticKey, value: Any, hold: bool = True) -> None:
+        """Use ``value``, computed elsewhere (a dask worker), as the statistic ``key``: counted, cached and
+        kept (``hold=False`` with a cache: only cached, and reloaded by ``get`` when asked for)."""
+        cached = self.cache is not None and KINDS[key.kind].cached
+        if hold or not cached:
+            self._hold(key, torch.as_tensor(value, dtype=torch.float64).to(self.device))
         self._count(key)
-        if self.cache is not None and KINDS[key.kind].cached:
-            self._write(key, np.asarray(value, dtype=np.float64))
+        if cached and self._write(key, np.asarray(value, dtype=np.float64)) and not hold:
+            self._reloadable.add(key)
 
     def release(self, kind: str, store: int) -> None:
         """Forget the held ``kind`` statistics of ``store`` that the cache holds (``get`` reloads them)."""
