@@ -305,7 +305,9 @@ def test_cached_grams_are_loaded_once_per_run_and_released_after_the_last_gram_m
     assert results.keys() == reference.keys()
     for key, matrix in results.items():
         np.testing.assert_allclose(matrix, reference[key], rtol=1e-12, atol=1e-12, err_msg=str(key))
+    assert warm.layer_statistics.reused == 6
     np.testing.assert_allclose(warm.gram(1, "0").numpy(), _reference_gram(paths[1], "0"), rtol=1e-12, atol=1e-9)
+    assert cache.hits == 7 and warm.layer_statistics.reused == 6  # reloaded after release: not reused twice
     uncached = Engine([ZarrStore(p) for p in paths], device="cpu", precision="float64")
     _all_pairs(uncached, measures)
     assert len(uncached.layer_statistics.held("gram")) == 6  # nothing to reload them from: kept
