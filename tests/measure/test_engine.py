@@ -186,6 +186,11 @@ def test_layer_selection_and_best_matches(stores):
     for row, col, value in result.best_matches():
         i = result.rows.index(row)
         assert value == result.matrix[i].max() and col == result.cols[int(np.argmax(result.matrix[i]))]
+    distance = engine.run([("procrustes_euclidean", {})], [(0, 1)])[0]  # a distance: the best match is the smallest
+    assert distance.spec.kind == "distance" and not np.array_equal(distance.matrix.argmin(1), distance.matrix.argmax(1))
+    for row, col, value in distance.best_matches():
+        i = distance.rows.index(row)
+        assert value == distance.matrix[i].min() and col == distance.cols[int(np.argmin(distance.matrix[i]))]
     with pytest.raises(MeasureError, match="match no layer"):
         Engine(list(made[16]), device="cpu", layers=["nothing*"])
 
