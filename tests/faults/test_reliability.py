@@ -119,15 +119,21 @@ def test_sigkill_extract_at_20_random_points(tmp_path, reference_store, subproce
 
 def _csvs_are_whole(out: Path) -> None:
     from measure.report import read_matrix_csv
+    from measure.report.files import read_results_table
 
     for csv_path in out.rglob("*.csv"):
+        if csv_path.parent == out:  # the results table
+            header, rows = read_results_table(csv_path)
+            assert len(rows) > 0 and all(len(r) == len(header) for r in rows)
+            continue
         rows, cols, matrix = read_matrix_csv(csv_path)
         assert matrix.shape == (len(rows), len(cols)) and len(rows) > 0
     manifest = out / "manifest.json"
     if manifest.exists():
-        listed = json.loads(manifest.read_text())["results"]
-        for entry in listed:
+        written = json.loads(manifest.read_text())
+        for entry in written["results"]:
             assert (out / entry["csv"]).exists()
+        assert (out / written["table"]["path"]).exists()
 
 
 @pytest.mark.slow
