@@ -113,6 +113,29 @@ def test_rewritten_store_invalidates_its_entries(tmp_path):
         np.testing.assert_allclose(result[key], matrix, rtol=0, atol=1e-12)
 
 
+def test_store_rewritten_with_another_token_reduction_is_not_served_stale_grams(tmp_path):
+    """``mean`` then ``last`` over a layer's tokens: fingerprint, weights digest and shapes all unchanged, so only
+    the store's identity (its whole attribute record, reductions included) tells the old Grams from the new."""
+    def tokens() -> nn.Module:  # a layer of 5 tokens × 4 features per sample
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(12, 20), nn.Unflatten(1, (5, 4)))
+
+    path, cache_path = tmp_path / "t.zarr", tmp_path / "c.zarr"
+    options = dict(name="t", layers=["1"], batch_size=16, progress=False, device="cpu")
+    extract(tokens(), _data(), path, reduce={"1": "mean"}, **options)
+    _all_pairs(Engine([ZarrStore(path)], device="cpu", cache=StatisticsCache(cache_path), precision="float64"))
+    before = ZarrStore(path).info
+    extract(tokens(), _data(), path, reduce={"1": "last"}, force=True, **options)
+    after = ZarrStore(path).info
+    assert (after.fingerprint, after.weights_digest) == (before.fingerprint, before.weights_digest)
+    assert ZarrStore(path).layer_shape("1") == (4,)
+    engine = Engine([ZarrStore(path)], device="cpu", cache=StatisticsCache(cache_path), precision="float64")
+    engine.run([("cka", {"route": "gram"})], [(0, 0)])
+    assert engine.statistics_computed == 1  # the new layer's Gram, not the old one from the cache
+    # tolerance: float64 dot products of 4 terms, |ΔKᵢⱼ| ≲ 4·2⁻⁵³·Σ|xᵢₖxⱼₖ|, far below the 1e-12 allowed here
+    np.testing.assert_allclose(engine.gram(0, "1").numpy(), _reference_gram(path, "1"), rtol=1e-12, atol=1e-12)
+
+
 def test_incomplete_or_damaged_entry_is_never_used(tmp_path):
     paths = make_zoo(tmp_path, [0])
     cache = StatisticsCache(tmp_path / "c.zarr")
