@@ -34,6 +34,7 @@ _LAZY = {
     "DeconfoundedCKA": ".similarity",
     "DeltaCKA": ".similarity",
     "LinearRegression": ".similarity",
+    "MinibatchCKA": ".similarity",
     "MutualKNN": ".similarity",
     "Procrustes": ".similarity",
     "Similarity": ".similarity",
@@ -55,7 +56,7 @@ __all__ = [
     "dcka",
     "get_measure",
 ]
-__all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MutualKNN", "Procrustes"]
+__all__ += ["CCA", "PWCCA", "RSA", "SVCCA", "LinearRegression", "MinibatchCKA", "MutualKNN", "Procrustes"]
 __all__ += ["bootstrap", "cca", "linreg", "mutual_knn", "permutation_test", "procrustes", "pwcca", "rsa", "svcca"]
 __all__ += ["Accumulator", "LinearCKA", "LinearCKAMatrix"]
 

@@ -368,22 +368,27 @@ class _ProgressBar:
 def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: argparse.Namespace,
              storage_options: dict[str, Any] | None, progress: _ProgressBar) -> list[PairResult]:
     """Every measure on every pair of stores (Grams on dask when asked), then the inference statistics."""
-    from .engine.dask_tasks import compute_grams, dask_client
+    from .engine.dask_tasks import compute_grams, dask_client, measure_on_cluster
     from .inference import add_statistics
     from .registry import get_measure
 
     results: list[PairResult] = []
     progress.open()
     try:
+        last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
+                        default=-1)
+        planned = [name for name, _ in measures]
         with dask_client(getattr(args, "workers", None), getattr(args, "scheduler", None)) as client:
             if client is not None or getattr(args, "scheduler", None) == "threads":
                 compute_grams(engine, measures, client=client, storage_options=storage_options, device=args.device)
-        last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
-                        default=-1)
-        engine.plan(name for name, _ in measures)  # linear CKA's auto route knows which Grams are formed anyway
-        for k, (name, options) in enumerate(measures):
-            pairs = store_pairs(len(engine.stores), get_measure(name).symmetric)
-            results.extend(engine.run([(name, options)], pairs, release=k >= last_gram))  # Grams kept for later
+            engine.plan(planned)  # linear CKA's auto route knows which Grams are formed anyway
+            for k, (name, options) in enumerate(measures):
+                pairs = store_pairs(len(engine.stores), get_measure(name).symmetric)
+                if client is not None and len(engine.stores) > 2:  # a zoo's pairs in tiles on the cluster
+                    results.extend(measure_on_cluster(engine, client, name, options, pairs,
+                                                      storage_options=storage_options, planned=planned))
+                else:
+                    results.extend(engine.run([(name, options)], pairs, release=k >= last_gram))  # Grams kept
         add_statistics(engine, results, n_permutations=getattr(args, "permutations", 0),
                        n_resamples=getattr(args, "bootstrap", 0), level=getattr(args, "ci_level", 0.95),
                        seed=getattr(args, "seed", 0))
