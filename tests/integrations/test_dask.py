@@ -97,6 +97,21 @@ def test_threaded_scheduler_passes_the_precision_and_its_cache_key(zoo, tmp_path
             assert cache.get(engine.stores[s], layer, "gram", {"precision": "float32"}) is not None
             assert cache.get(engine.stores[s], layer, "gram") is None  # not filed as a float64 Gram
 
+def test_threaded_scheduler_applies_the_measure_time_reduction(tmp_path):
+    """``Engine(reduce="gap")``: the Gram tasks reduce each map as the engine does, not read it flattened."""
+    from _stores import write_store
+
+    rng = np.random.default_rng(7)
+    maps = [{"conv": rng.standard_normal((N, 3, 4, 4)).astype(np.float32)} for _ in range(2)]
+    paths = [write_store(tmp_path / f"r{k}.zarr", f"r{k}", maps[k], chunk=16).path for k in range(2)]
+    with one_thread():  # equal by construction: the same kernel on the same reduced rows, one BLAS thread
+        engine = Engine([ZarrStore(p) for p in paths], device="cpu", reduce="gap", precision="float64")
+        assert compute_grams(engine, [("cka", {"route": "gram"})], scheduler="threads") == 2
+        own = Engine([ZarrStore(p) for p in paths], device="cpu", reduce="gap", precision="float64")
+        for s in range(2):
+            assert torch.equal(engine.gram(s, "conv"), own.gram(s, "conv"))
+
+
 @pytest.mark.slow
 def test_local_cluster_of_two_processes_equals_local(zoo, tmp_path):
     paths, local = zoo
