@@ -8,6 +8,7 @@ complete and a manifest that lists only finished results.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -18,9 +19,9 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -135,7 +136,36 @@ def table_columns(results: Sequence[PairResult]) -> list[str]:
     return [*TABLE_KEYS, *(STATISTIC_COLUMNS.get(k, k) for k in _statistic_keys(results)), "mirrored"]
 
 
-def results_table(results: Sequence[PairResult]) -> tuple[list[str], list[list[Any]]]:
+def _table_rows(r: PairResult, keys: Sequence[str]) -> list[list[Any]]:
+    """The rows of one result (``results_table``), values as text: floats as ``repr`` (the shortest text
+    that reads back to the same float; ``nan``, ``inf``), a missing statistic as an empty field."""
+    grids = [r.matrix, *(r.inference.get(k) for k in keys)]
+    text = [[[repr(v) for v in line] for line in np.asarray(g, dtype=np.float64).tolist()]
+            if isinstance(g, np.ndarray) and g.shape == r.matrix.shape else None for g in grids]
+    rows = []
+    for i, layer_a in enumerate(r.rows):
+        for j, layer_b in enumerate(r.cols):
+            rows.append([r.measure, r.store_a, layer_a, r.store_b, layer_b,
+                         *(g[i][j] if g is not None else "" for g in text), "False"])
+    if r.spec.symmetric and r.store_a != r.store_b:  # the other order: the transposed entries
+        for j, layer_b in enumerate(r.cols):
+            for i, layer_a in enumerate(r.rows):
+                rows.append([r.measure, r.store_b, layer_b, r.store_a, layer_a,
+                             *(g[i][j] if g is not None else "" for g in text), "True"])
+    return rows
+
+
+def _csv_lines(rows: list[list[str]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _n_table_rows(r: PairResult) -> int:
+    return r.matrix.size * (2 if r.spec.symmetric and r.store_a != r.store_b else 1)
+
+
+def results_table(results: Sequence[PairResult]) -> tuple[list[str], Iterator[list[str]]]:
     """The tidy results table: (header, rows), one row per (measure, store_a, layer_a, store_b, layer_b).
 
     Each row holds one entry of a result's matrix: ``value`` = ``matrix[i, j]`` with ``layer_a`` =
@@ -144,48 +174,45 @@ def results_table(results: Sequence[PairResult]) -> tuple[list[str], list[list[A
     A symmetric measure is computed for one order of each pair of different stores; the table holds
     the other order too, as the transposed entries with ``mirrored`` True, so that every
     (measure, store_a, store_b) has its rows. ``mirrored`` is False for every computed entry.
+    Fields are text as written to the CSV; rows are made one result at a time.
     """
     keys = _statistic_keys(results)
-    rows: list[list[Any]] = []
-    for r in results:
-        stats = [r.inference.get(k) for k in keys]
-        stats = [v if isinstance(v, np.ndarray) and v.shape == r.matrix.shape else None for v in stats]
-        grids = [np.asarray(r.matrix, dtype=np.float64).tolist(),
-                 *(np.asarray(v, dtype=np.float64).tolist() if v is not None else None for v in stats)]
-        orders = [(r.store_a, r.rows, r.store_b, r.cols, False)]
-        if r.spec.symmetric and r.store_a != r.store_b:
-            orders.append((r.store_b, r.cols, r.store_a, r.rows, True))
-        for store_a, layers_a, store_b, layers_b, mirrored in orders:
-            for i, layer_a in enumerate(layers_a):
-                for j, layer_b in enumerate(layers_b):
-                    at = (j, i) if mirrored else (i, j)
-                    rows.append([r.measure, store_a, layer_a, store_b, layer_b,
-                                 *(g[at[0]][at[1]] if g is not None else None for g in grids), mirrored])
-    return table_columns(results), rows
+    return table_columns(results), (row for r in results for row in _table_rows(r, keys))
 
 
-def _table_csv(header: list[str], rows: list[list[Any]]) -> bytes:
-    """CSV of the table: floats as ``repr`` (the shortest text that reads back to the same float; ``nan``,
-    ``inf``), missing statistics as empty fields, ``mirrored`` as ``True`` / ``False``."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([[repr(v) if isinstance(v, float) else ("" if v is None else v) for v in row] for row in rows])
-    return buf.getvalue().encode()
+@contextlib.contextmanager
+def _atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """A binary file written at a temporary name beside ``path``, flushed to disk and renamed into place
+    when the block ends without an error (removed otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _write_table(results: Sequence[PairResult], out: Path) -> dict[str, Any]:
-    """Write ``results.csv`` (``results.csv.gz`` above ``TABLE_GZIP_ROWS`` rows); returns its manifest entry."""
-    header, rows = results_table(results)
-    data = _table_csv(header, rows)
-    name = "results.csv"
-    if len(rows) > TABLE_GZIP_ROWS:
-        name, data = "results.csv.gz", gzip.compress(data, compresslevel=6, mtime=0)
+    """Write ``results.csv`` (``results.csv.gz`` above ``TABLE_GZIP_ROWS`` rows), one result's rows at a
+    time; returns its manifest entry."""
+    keys = _statistic_keys(results)
+    header = table_columns(results)
+    n_rows = sum(_n_table_rows(r) for r in results)
+    name = "results.csv.gz" if n_rows > TABLE_GZIP_ROWS else "results.csv"
     for stale in ("results.csv", "results.csv.gz"):  # a table of an earlier run in the same folder
         if stale != name:
             (out / stale).unlink(missing_ok=True)
-    atomic_write_bytes(out / name, data)
-    return {"path": name, "format": "csv.gz" if name.endswith(".gz") else "csv", "rows": len(rows),
+    with _atomic_open(out / name) as raw, (gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0)
+                                           if name.endswith(".gz") else contextlib.nullcontext(raw)) as f:
+        f.write(_csv_lines([header]))
+        for r in results:
+            f.write(_csv_lines(_table_rows(r, keys)))
+    return {"path": name, "format": "csv.gz" if name.endswith(".gz") else "csv", "rows": n_rows,
             "columns": header}
 
 
