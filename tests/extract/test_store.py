@@ -225,10 +225,14 @@ def test_direct_chunk_files_only_for_the_chain_they_reproduce(tmp_path):
     from zarr.codecs import ZstdCodec
 
     from extract.store.chunk_files import ChunkFiles
+    from extract.store.format import chunk_codecs
 
     group = zarr.open_group(tmp_path / "g.zarr", mode="w")
     other = group.create_array("zstd", shape=(8, 3), chunks=(4, 3), dtype="float32", compressors=[ZstdCodec()])
-    grid = group.create_array("grid", shape=(8, 6), chunks=(4, 3), dtype="float32")  # chunked along features too
+    rows = group.create_array("rows", shape=(8, 6), chunks=(4, 6), dtype="float32", compressors=chunk_codecs())
+    # the store's own codecs, but chunked along the features too: a chunk file holds part of each row
+    grid = group.create_array("grid", shape=(8, 6), chunks=(4, 3), dtype="float32", compressors=chunk_codecs())
+    assert ChunkFiles.of(rows) is not None
     assert ChunkFiles.of(other) is None and ChunkFiles.of(grid) is None
 
 
@@ -275,3 +279,44 @@ def test_direct_chunk_reads_give_way_to_zarr_on_a_bad_chunk(tmp_path):
     assert not files.read(0, out)
     chunk_file.unlink()
     assert not files.read(0, out)  # missing file
+
+
+def test_layer_names_that_only_share_a_prefix_can_both_be_stored():
+    from extract.store.format import layer_name_problem
+
+    layers = ["conv1", "conv10", "block", "block_2", "a", "a/b"]
+    assert layer_name_problem("conv1", layers) == "" and layer_name_problem("conv10", layers) == ""
+    assert layer_name_problem("block", layers) == ""  # 'block_2' is a sibling, not a layer inside 'block'
+    assert "would be the folder of layer 'a/b'" in layer_name_problem("a", layers)
+
+
+def test_store_attributes_from_a_later_version_still_open():
+    """Fields this version does not know (written by a later one) are left out, not refused."""
+    from dataclasses import asdict
+
+    info = StoreInfo(model_name="m", layers=["a"], n_samples=4, chunk_samples=2)
+    assert StoreInfo.from_dict({**asdict(info), "added_in_a_later_version": {"x": 1}}) == info
+
+
+def test_flipped_byte_in_an_uncompressed_chunk_is_detected(tmp_path):
+    """Arrays stored without compression (the statistics cache's) are read straight from their chunk files only
+    while each file's CRC-32C matches; a flipped byte sends the read to zarr, which raises."""
+    import zarr
+    from zarr.codecs import Crc32cCodec
+
+    from extract.store.chunk_files import ChunkFiles
+
+    x = np.random.default_rng(8).standard_normal((8, 5))
+    array = zarr.open_group(tmp_path / "g.zarr", mode="w").create_array(
+        "raw", shape=x.shape, chunks=(4, 5), dtype="float64", compressors=[Crc32cCodec()])
+    array[:] = x
+    files = ChunkFiles.of(zarr.open_array(tmp_path / "g.zarr" / "raw", mode="r"))
+    out = np.empty_like(x)
+    assert files is not None and files.read(0, out)
+    np.testing.assert_array_equal(out, x)
+    chunk_file = tmp_path / "g.zarr" / "raw" / "c" / "1" / "0"
+    raw = bytearray(chunk_file.read_bytes())
+    raw[0] ^= 0x01  # the lowest mantissa bit of row 4's first value: still a valid float64, only the CRC tells
+    chunk_file.write_bytes(bytes(raw))
+    assert not files.read(0, out)
+    assert files.read(0, out[:4])  # the first chunk is intact
