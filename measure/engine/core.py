@@ -366,6 +366,11 @@ class Engine:
         stores = list(dict.fromkeys(row.s for row in rows))
         return len(rows) * row_bytes + self._transient_bytes(spec, options, stores) <= self.memory_budget
 
+    @property
+    def temporary_cache(self) -> bool:
+        """Whether the statistics cache is a temporary one of this engine (``ensure_cache``)."""
+        return self._spill is not None
+
     def ensure_cache(self) -> None:
         """A cache to reload statistics from: the configured one, else a temporary one removed with the engine."""
         if self.layer_statistics.cache is not None:

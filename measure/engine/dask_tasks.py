@@ -166,8 +166,9 @@ def measure_on_cluster(engine: Engine, client: Any, name: str, options: dict[str
     ``compute_grams`` put in the statistics cache, with the engine's settings. The driver holds
     neither the statistics nor more than the finished results: a zoo's memory on the driver is its
     result matrices. Values equal the local run's to the tiles' round-off (``measure.engine.tiles``).
-    The workers read the cache: a temporary one on the driver's disk serves a ``LocalCluster``; a
-    remote cluster needs ``--cache`` at a path or URL the workers reach.
+    The workers read the cache: a temporary one on the driver's disk serves a ``LocalCluster``; for a
+    remote cluster the pairs are computed on the driver unless the run has a cache of its own
+    (``--cache`` at a path or URL the workers reach).
     """
     import warnings
 
@@ -175,13 +176,10 @@ def measure_on_cluster(engine: Engine, client: Any, name: str, options: dict[str
 
     spec = get_measure(name)
     resolved = spec.resolve_options(options)
+    if (engine.layer_statistics.cache is None or engine.temporary_cache) and not _is_local(client):
+        return engine.run([(name, options)], pairs)  # remote workers cannot read a cache on the driver's disk
+    engine.ensure_cache()
     cache = engine.layer_statistics.cache
-    if cache is None:
-        if not _is_local(client):
-            raise MeasureError("The cluster's workers read the statistics from the cache, and this run has none; "
-                               "pass --cache PATH_OR_URL at a place the workers can read.")
-        engine.ensure_cache()
-        cache = engine.layer_statistics.cache
     for store in engine.stores:
         if getattr(store, "path", None) is None:
             raise MeasureError(f"{store} has no path; dask workers can only open stores on disk or at a URL.")
