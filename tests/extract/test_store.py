@@ -64,6 +64,17 @@ class StoreTests:
         expected = np.concatenate([np.zeros((4, 3)), np.ones((4, 3))]).astype(np.float32)
         np.testing.assert_array_equal(store.read_layer("a"), expected)
 
+    def test_an_all_zero_chunk_written_in_parts_is_stored(self, tmp_path):
+        # rows written in pieces smaller than a chunk go through zarr, which skips an all-zero chunk unless told not to
+        store = self.make(tmp_path)
+        store.create_array("layers/a", (6, 3), "float32", 4)
+        store.write("layers/a", 0, np.zeros((2, 3), np.float32))
+        store.write("layers/a", 2, np.zeros((2, 3), np.float32))
+        store.write("layers/a", 4, np.zeros((2, 3), np.float32))  # the edge chunk, also all zero
+        store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=6, chunk_samples=4,
+                                   samples_done=6, complete=True))
+        np.testing.assert_array_equal(store.read_layer("a"), np.zeros((6, 3), np.float32))
+
     def test_unknown_layer_names_the_layers(self, tmp_path):
         store = self.make(tmp_path)
         store.write_info(StoreInfo(model_name="m", layers=["a"], n_samples=2))
@@ -320,3 +331,13 @@ def test_flipped_byte_in_an_uncompressed_chunk_is_detected(tmp_path):
     chunk_file.write_bytes(bytes(raw))
     assert not files.read(0, out)
     assert files.read(0, out[:4])  # the first chunk is intact
+
+
+def test_edited_array_metadata_of_a_complete_store_is_refused(tmp_path):
+    path, _ = _complete_store(tmp_path)
+    document = path / "layers" / "conv" / "zarr.json"
+    metadata = json.loads(document.read_text())
+    metadata["dimension_names"] = ["sample", "edited", "edited_too"]  # still a valid array: only the digest tells
+    document.write_text(json.dumps(metadata))
+    with pytest.raises(StoreError, match=r"metadata layers/conv/zarr.json does not match the digest"):
+        ZarrStore(path).read_layer("conv")
