@@ -320,14 +320,18 @@ class Engine:
             kernel_stores = list(dict.fromkeys(s for i, j in pairs if self.route(spec, options, i, j) == "gram"
                                                for s in (i, j)))
             rows = [Row(s, k) for s in kernel_stores for k in range(len(self.layers[s]))] if self._zoo else []
-            grams_fit = not rows or self._fits(spec, options, rows, self._statistic_bytes(spec, options, kernel_stores))
+            # a zoo is measured untiled when its statistics and prepared layers fit the budget together
+            # (a prepared layer takes at most two statistics' worth); otherwise in tiles, its statistics
+            # written to the cache (a temporary one if the run has none) and held one at a time
+            statistic = self._statistic_bytes(spec, options, kernel_stores)
+            untiled = not rows or self._fits(spec, options, rows, 3 * statistic)
+            if not untiled:
+                self.ensure_cache()
             if spec.statistic == "gram":  # every missing Gram, computed in the order used (read ahead); the
                 # cached ones are loaded store by store as they are prepared, and after the last measure
                 # that needs them released again, so a zoo's Grams are never all held at once
-                if not grams_fit:
-                    self.ensure_cache()
-                self.layer_statistics.prefetch(self.gram_keys(kernel_stores, spec), load=False, hold=grams_fit)
-            if rows and not self._fits(spec, options, rows, self._prepared_bytes(spec, options, rows[0])):
+                self.layer_statistics.prefetch(self.gram_keys(kernel_stores, spec), load=False, hold=untiled)
+            if not untiled:
                 results += self._tiled(spec, options, rows, pairs)
                 continue
             prepared = self.prepare_together(spec, options, kernel_stores, release=release and index == last_gram)
