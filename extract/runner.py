@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -389,6 +390,7 @@ def _new_info(sim: SimilarityModel, request: dict, options: ExtractOptions, n: i
         inputs_stored=options.store_inputs,
         versions=_library_versions(),
         request={k: request[k] for k in ("layer_patterns", "output_selector", "reduce")},
+        write_id=uuid.uuid4().hex,
     )
 
 

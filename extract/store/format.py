@@ -124,6 +124,7 @@ class StoreInfo:
     request: dict[str, Any] = field(default_factory=dict)
     integrity: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    write_id: str = ""  # random, drawn when an extraction starts a store (kept by a resume): tells rewrites apart
     format: int = FORMAT_VERSION
 
     @classmethod
