@@ -127,11 +127,16 @@ def _check_count(value: Any, what: str) -> int:
 
 
 def check_supported(spec: type[Measure]) -> None:
-    """Refuse a measure whose statistic cannot be permuted or resampled (per-batch Grams)."""
+    """Refuse a measure whose statistic cannot be permuted or resampled (per-batch Grams, sketches)."""
     if spec.statistic == "gram_blocks":
         raise MeasureError(
             f"{spec.name} works on per-batch Grams, which cannot be permuted or resampled across batches; "
             "run the permutation test or bootstrap with cka or cka_debiased instead."
+        )
+    if spec.statistic == "sketch":
+        raise MeasureError(
+            f"{spec.name} works on sketches of the Gram, which cannot be permuted or resampled by sample; "
+            "run the permutation test or bootstrap with cka (exact) instead."
         )
 
 

@@ -36,6 +36,7 @@ from ..validation import check_min_samples
 from .config import EngineConfig, default_device
 from .layer_statistics import LayerStatistics
 from .results import PairResult
+from .sketch_streaming import sketch_working_bytes
 from .streaming import layer_widths
 from .tiles import Row, plan_budget, prepared_bytes, tiled_pair_matrices
 
@@ -177,7 +178,14 @@ class Engine:
                                        precision=self.gram_precision(spec, s)))
         if spec.statistic == "gram":
             return stats.get(stats.key("gram", s, layer, precision=self.gram_precision(spec, s)))
+        if spec.statistic == "sketch":
+            return stats.get(self.sketch_key(s, layer, options))
         return stats.get(stats.key(spec.statistic, s, layer))
+
+    def sketch_key(self, s: int, layer: str, options: dict[str, Any]) -> Any:
+        """The key of the sketch statistic of ``layer`` of store ``s``: its size, width and seed are in it."""
+        return self.layer_statistics.key("sketch", s, layer, sketch_size=options["sketch_size"],
+                                         width=options["width"], seed=options["seed"])
 
     def confounder(self) -> torch.Tensor:
         """dCKA's confounder: the Gram of the inputs of the first store that holds them."""
@@ -237,6 +245,8 @@ class Engine:
             layers = self.prepared(spec, options, s, out=group.block(len(self.layers[s])) if group else None)
             if release:
                 self.layer_statistics.release("gram", s)
+            if spec.statistic == "sketch":  # a zoo's sketches are not all held: reloaded from the cache
+                self.layer_statistics.release("sketch", s)
             if group is None and len(stores) > 1 and layers.stacked:
                 group = SharedProducts(total, layers)  # the first store, restacked into the group's rows
                 layers = PreparedLayers(list(layers), out=group.block(len(layers)))
@@ -317,6 +327,9 @@ class Engine:
         self._zoo = len({s for pair in pairs for s in pair}) > 2
         for index, (spec, given) in enumerate(measures):
             options = spec.resolve_options(given)
+            if self._zoo and spec.feature_route != "cka_debiased":  # the only measure that reuses them
+                for key in self.layer_statistics.held("cross_moments"):
+                    self.layer_statistics.drop(key)
             kernel_stores = list(dict.fromkeys(s for i, j in pairs if self.route(spec, options, i, j) == "gram"
                                                for s in (i, j)))
             rows = [Row(s, k) for s in kernel_stores for k in range(len(self.layers[s]))] if self._zoo else []
@@ -352,6 +365,9 @@ class Engine:
             return 8 * n * n
         if spec.statistic == "gram_blocks":
             return 8 * n * int(options["batch_size"])
+        if spec.statistic == "sketch":  # the statistic, and Z while a layer is sketched
+            widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
+            return max(16 * (int(options["sketch_size"]) + 1), sketch_working_bytes(n, max(widths), options["width"]))
         widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
         return 8 * n * max(widths)
 
@@ -393,6 +409,8 @@ class Engine:
         if spec.statistic == "gram":
             key = self.layer_statistics.key("gram", row.s, layer, precision=self.gram_precision(spec, row.s))
         item = spec.prepare(self.statistic(spec, row.s, layer, options), confounder=confounder, **options)
+        if spec.statistic == "sketch":
+            key = self.sketch_key(row.s, layer, options)
         if key is not None and report:  # (the probe of ``_prepared_bytes`` keeps it for the untiled run)
             self.layer_statistics.release_key(key)
         self._probe_type = type(item)
@@ -423,6 +441,8 @@ class Engine:
                              if Row(s, k) in self._row_extras}
                 if per_layer:
                     extras[side] = per_layer
+            if getattr(spec, "approximate", False):
+                extras["approximate"] = spec.approximation(options)
             results.append(PairResult(measure=spec.name, options=options, store_a=self.stores[i].name,
                                       store_b=self.stores[j].name, rows=list(self.layers[i]),
                                       cols=list(self.layers[j]), matrix=matrices[i, j], spec=spec, extras=extras))
@@ -436,6 +456,8 @@ class Engine:
         else:
             matrix = spec.pair_matrix(prepared[i], prepared[j]).detach().to("cpu", torch.float64).numpy()
             extras = _extras(prepared[i], prepared[j], self.layers[i], self.layers[j])
+            if getattr(spec, "approximate", False):
+                extras["approximate"] = spec.approximation(options)
         result = PairResult(
             measure=spec.name, options=options, store_a=self.stores[i].name, store_b=self.stores[j].name,
             rows=list(self.layers[i]), cols=list(self.layers[j]), matrix=matrix, spec=spec, extras=extras,

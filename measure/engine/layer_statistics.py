@@ -25,6 +25,9 @@ cross_moments  the cross moments of every layer pair of two stores   yes   no   
                (``pair_cross_moments``; the store is a pair; the
                ``terms`` option: "products" or, for the debiased
                estimator only, "fourth")
+sketch         a fixed-size sketch of the centred Gram (two vectors  yes   yes    yes
+               of ``sketch_size`` numbers; ``width``, ``seed``:
+               ``measure.engine.sketch_streaming.layer_sketch``)
 =============  =====================================================  ====  =====  =======
 """
 
@@ -45,6 +48,7 @@ from ..functional.dcka import confounder_gram
 from ..functional.gram import resolve_precision
 from .cache import StatisticsCache
 from .feature_streaming import layer_self_moments, pair_cross_moments
+from .sketch_streaming import layer_sketch
 from .streaming import layer_features, layer_gram_blocks, layer_grams
 
 __all__ = ["KINDS", "Kind", "LayerStatistics", "StatisticKey"]
@@ -87,6 +91,7 @@ KINDS: dict[str, Kind] = {
     "features": Kind(held=False, cached=False, counted=True),
     "self_moments": Kind(held=True, cached=True, counted=True, precision_keyed=True, announced=True),
     "cross_moments": Kind(held=True, cached=False, counted=True, announced=True),
+    "sketch": Kind(held=True, cached=True, counted=True, announced=True),
 }
 
 
@@ -317,6 +322,10 @@ class LayerStatistics:
             return layer_features(self._store(key), key.layer, self.device)
         if key.kind == "self_moments":
             return layer_self_moments(self._store(key), key.layer, self.device, _precision(key), self.memory_budget)
+        if key.kind == "sketch":
+            options = dict(key.options)
+            return layer_sketch(self._store(key), key.layer, self.device, self.memory_budget,
+                                options["sketch_size"], options["width"], options["seed"])
         if key.kind == "cross_moments":
             pair, options = key.store, dict(key.options)
             precisions = options["precisions"]

@@ -24,12 +24,13 @@ import torch
 from ..errors import MeasureError
 from ..functional.cka import batch_grams
 from ..functional.gram import linear_gram
+from ..functional.sketch import sketch_from_features
 from ..validation import check_options
 
 __all__ = ["INVARIANCES", "STATISTICS", "Measure", "Option", "statistic_of"]
 
-Statistic = Literal["gram", "gram_blocks", "features"]
-STATISTICS = ("gram", "gram_blocks", "features")
+Statistic = Literal["gram", "gram_blocks", "features", "sketch"]
+STATISTICS = ("gram", "gram_blocks", "features", "sketch")
 KINDS = ("similarity", "distance")
 # transforms T of one representation with S(T(X), Y) = S(X, Y): X Q (Q orthogonal), c X (c > 0),
 # X + 1 vᵀ, and X A (A invertible)
@@ -77,10 +78,11 @@ class Measure:
     ----------
     name : str
         Registry key, used on the command line and in result files.
-    statistic : {"gram", "gram_blocks", "features"}
+    statistic : {"gram", "gram_blocks", "features", "sketch"}
         Per-layer input of ``prepare``: the n × n linear Gram, the Grams of consecutive
-        batches of ``options['batch_size']`` samples, or the (n_samples, n_features) matrix
-        itself (all float64).
+        batches of ``options['batch_size']`` samples, the (n_samples, n_features) matrix
+        itself, or the fixed-size sketch of the centred Gram of ``measure.functional.sketch``
+        (options ``sketch_size``, ``width``, ``seed``) (all float64).
     options : dict of str to Option
         The measure's options, their defaults and accepted values.
     symmetric : bool
@@ -102,6 +104,8 @@ class Measure:
         kernel measures, false for those that whiten or take matrix square roots of the Gram.
     order : float
         Position in ``measure.MEASURES`` (ascending; ties keep module order).
+    approximate : bool
+        The value is a randomised estimate (a sketch), not the measure computed exactly.
     """
 
     name: ClassVar[str]
@@ -116,6 +120,7 @@ class Measure:
     feature_route: ClassVar[str | None] = None
     float32_grams: ClassVar[bool] = False
     order: ClassVar[float] = math.inf
+    approximate: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Measure:
         raise TypeError(f"{cls.__name__} is a measure definition: use its classmethods "
@@ -170,7 +175,7 @@ class Measure:
             "name": cls.name, "statistic": cls.statistic, "options": cls.defaults(),
             "symmetric": cls.symmetric, "range": list(cls.value_range), "kind": cls.kind,
             "needs_confounder": cls.needs_confounder, "reference": cls.reference,
-            "float32_grams": cls.float32_grams,
+            "float32_grams": cls.float32_grams, "approximate": cls.approximate,
         }
 
 
@@ -195,4 +200,6 @@ def statistic_of(spec: type[Measure], x: torch.Tensor, options: Mapping[str, Any
             warnings.warn(f"{spec.name}: the last {len(x) % b} of {len(x)} samples do not fill a batch of "
                           f"{b} and are left out (equal-size batches).", stacklevel=3)
         return batch_grams(x, b, precision)
+    if spec.statistic == "sketch":
+        return sketch_from_features(x, options["sketch_size"], options["width"], options["seed"])
     return x

@@ -198,10 +198,45 @@ def ref_mutual_knn(x, y, k=10):
     return np.mean([len(set(nx[i]) & set(ny[i])) / k for i in range(len(x))])
 
 
+def ref_sketch_vectors(x, sketch_size=65536, width=2048, seed=0):
+    """φ₁, φ₂ of ``measure.functional.sketch`` by their definitions: dense hashing matrices S_c (p × d, one ±1
+    per row; none when p ≤ d), Z̃_c = H X S_c, and the CountSketch of the n × n matrix Z̃_c Z̃_cᵀ with bucket
+    h₁(i) + h₂(i') mod s and sign σ₁(i) σ₂(i'), summed entry by entry. The random draws are the library's
+    (``sample_hashes``, ``feature_hashes``); the algebra is this file's own."""
+    from measure.functional.sketch import feature_hashes, sample_hashes
+
+    n, p = x.shape
+    buckets, signs = (a.numpy() for a in sample_hashes(n, sketch_size, seed))
+    bucket = (buckets[0][:, None] + buckets[1][None, :]) % sketch_size
+    sign = signs[0][:, None] * signs[1][None, :]
+    phis = []
+    for copy in (0, 1):
+        if p > width:
+            hb, hs = (a.numpy() for a in feature_hashes(0, p, width, seed, copy))
+            s_matrix = np.zeros((p, width))
+            s_matrix[np.arange(p), hb] = hs
+            z = _h(n) @ x @ s_matrix
+        else:
+            z = _h(n) @ x
+        phi = np.zeros(sketch_size)
+        np.add.at(phi, bucket.ravel(), (sign * (z @ z.T)).ravel())
+        phis.append(phi)
+    return phis
+
+
+def ref_cka_sketch(x, y, sketch_size=65536, width=2048, seed=0):
+    """½(⟨φ₁(X), φ₂(Y)⟩ + ⟨φ₂(X), φ₁(Y)⟩) / √(⟨φ₁(X), φ₂(X)⟩ ⟨φ₁(Y), φ₂(Y)⟩), clamped to [0, 1]."""
+    a1, a2 = ref_sketch_vectors(np.asarray(x, np.float64), sketch_size, width, seed)
+    b1, b2 = ref_sketch_vectors(np.asarray(y, np.float64), sketch_size, width, seed)
+    value = 0.5 * (a1 @ b2 + a2 @ b1) / np.sqrt((a1 @ a2) * (b1 @ b2))
+    return float(np.clip(value, 0.0, 1.0))
+
+
 REFERENCES = {
     "cka": ref_cka,
     "cka_debiased": ref_cka_debiased,
     "cka_rbf": ref_cka_rbf,
+    "cka_sketch": ref_cka_sketch,
     "cka_minibatch": ref_cka_minibatch,
     "dcka": ref_dcka,
     "procrustes": ref_procrustes,

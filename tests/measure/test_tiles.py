@@ -48,7 +48,7 @@ def _run(stores, measures, budget, cache, messages=None):
 # product, the norms Procrustes takes from stacked layers), so BLAS may sum each n²-term dot product of unit
 # vectors in another order: |error| ≤ n² · 2⁻⁵³ ≈ 2e-13 at n = 40, asserted as 1e-12.
 BILINEAR = [("cka", {"route": "gram"}), ("cka_debiased", {"route": "gram"}), ("cka_rbf", {}), ("dcka", {}),
-            ("cka_minibatch", {"batch_size": 10})]
+            ("cka_minibatch", {"batch_size": 10}), ("cka_sketch", {"sketch_size": 256})]
 OTHER = [(m, {}) for m in MEASURES if m not in {name for name, _ in BILINEAR}]
 
 
