@@ -355,7 +355,13 @@ class Engine:
     # ------------------------------------------------------------------ tiles (zoos beyond the budget)
     def _transient_bytes(self, spec: Any, options: dict[str, Any], stores: Sequence[int]) -> int:
         """Memory taken while one layer is prepared: its statistic, the kernel's temporaries and the
-        prepared layer before it joins its block (four statistics' worth)."""
+        prepared layer before it joins its block (four statistics' worth); for a sketch, also the
+        hashed features held while one layer is sketched (``sketch_working_bytes``)."""
+        if spec.statistic == "sketch":
+            n = self.stores[0].n_samples
+            widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
+            return 4 * self._statistic_bytes(spec, options, stores) + sketch_working_bytes(n, max(widths),
+                                                                                           options["width"])
         return 4 * self._statistic_bytes(spec, options, stores)
 
     def _statistic_bytes(self, spec: Any, options: dict[str, Any], stores: Sequence[int]) -> int:
@@ -365,9 +371,8 @@ class Engine:
             return 8 * n * n
         if spec.statistic == "gram_blocks":
             return 8 * n * int(options["batch_size"])
-        if spec.statistic == "sketch":  # the statistic, and Z while a layer is sketched
-            widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
-            return max(16 * (int(options["sketch_size"]) + 1), sketch_working_bytes(n, max(widths), options["width"]))
+        if spec.statistic == "sketch":  # two vectors of sketch_size + 1 (what sketching takes: _transient_bytes)
+            return 16 * (int(options["sketch_size"]) + 1)
         widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
         return 8 * n * max(widths)
 

@@ -220,3 +220,13 @@ def test_the_gpu_gives_the_cpu_sketch(tmp_path, write_store):
     cpu = Engine(stores, device="cpu").run([("cka_sketch", options)], [(0, 1)])[0].matrix
     gpu = Engine(stores, device="cuda").run([("cka_sketch", options)], [(0, 1)])[0].matrix
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-10)
+
+
+def test_a_nan_in_a_stored_layer_is_named_by_its_sample(tmp_path, write_store):
+    x = _low_rank(30, 50, 2, 1.0, seed=13)
+    x[17, 41] = np.nan
+    stores = [write_store(tmp_path / "a.zarr", "a", {"l": x}, chunk=7),
+              write_store(tmp_path / "b.zarr", "b", {"l": _low_rank(30, 50, 2, 1.0, seed=14)}, chunk=7)]
+    for width in (8, 64):  # hashed and not
+        with pytest.raises(MeasureError, match="NaN or Inf in 1 sample.*between sample 17 and 17"):
+            Engine(stores, device="cpu").run([("cka_sketch", {"width": width, "sketch_size": 64})], [(0, 1)])
