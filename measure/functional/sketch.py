@@ -212,11 +212,9 @@ def sketch_from_hashing(hashing: FeatureHashing, sketch_size: int, seed: int) ->
     magnitude = torch.sum(hashing.z[0] ** 2)
     buckets, signs = sample_hashes(hashing.z.shape[1], sketch_size, seed)
     z = hashing.centred()
-    phis = [tensor_sketch(z[c], buckets, signs, sketch_size) for c in range(len(z))]
-    if len(phis) == 1:
-        phis.append(phis[0])
     out = torch.empty((2, sketch_size + 1), dtype=torch.float64, device=z.device)
-    out[:, :sketch_size] = torch.stack(phis)
+    for c in range(2):
+        out[c, :sketch_size] = tensor_sketch(z[c], buckets, signs, sketch_size) if c < len(z) else out[0, :sketch_size]
     out[:, sketch_size] = magnitude
     return out
 
@@ -231,15 +229,14 @@ def sketch_from_features(x: torch.Tensor, sketch_size: int = DEFAULT_SKETCH_SIZE
 
 
 def _cka_sketch_prepare(statistic: torch.Tensor) -> Prepared:
-    """Sketched linear CKA statistic: left = [φ₁, φ₂] / √2, right = [φ₂, φ₁] / √2, normalised.
+    """Sketched linear CKA statistic: left = [φ₁, φ₂], right = [φ₂, φ₁], normalised.
 
-    ⟨left_A, right_B⟩ = (⟨φ₁(A), φ₂(B)⟩ + ⟨φ₂(A), φ₁(B)⟩) / 2, unbiased for ⟨K̃_A, K̃_B⟩; divided by
-    √⟨left_A, right_A⟩ it is 1 for A = B.
+    ⟨left_A, right_B⟩ = ⟨φ₁(A), φ₂(B)⟩ + ⟨φ₂(A), φ₁(B)⟩, twice an unbiased estimate of ⟨K̃_A, K̃_B⟩;
+    divided by √(⟨left_A, right_A⟩ ⟨left_B, right_B⟩) it is ĉ(A, B), and 1 for A = B.
     """
     s = statistic.shape[1] - 1
-    phi = statistic[:, :s] / math.sqrt(2.0)
-    left = torch.cat([phi[0], phi[1]])
-    right = torch.cat([phi[1], phi[0]])
+    left = torch.cat([statistic[0, :s], statistic[1, :s]])  # the ½ cancels in the normalisation: left out
+    right = torch.cat([statistic[1, :s], statistic[0, :s]])
     magnitude = statistic[0, s] ** 2  # tr(K)² ≥ ‖K‖²_F of the uncentred Gram
     return normalized(left, right, magnitude, "the sketched ‖HKH‖²",
                       zero_reason="the layer is constant over samples (or the sketch is too small to tell)")
