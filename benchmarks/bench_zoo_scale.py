@@ -6,7 +6,7 @@
 
 Zoos of M synthetic stores (float32, the inputs stored, L = 4 layers of widths 128, 128, 64 and 10, like
 the pooled outputs of a small CNN; each model its own seed) are measured by the CLI in a fresh child
-process with the default measures (cka, cka_debiased, cka_rbf, dcka), ``--memory-budget 1`` and no
+process with the default measures (cka, cka_debiased, cka_rbf, dcka), ``--memory-budget 1`` (``--budget``) and no
 cache, twice: the default run (results table, heatmaps by the ``--plots auto`` rule, report.html) and
 the compute-only run (``--no-plots --no-report``). Per run: wall time, peak resident memory (the
 child's max RSS from ``os.wait4``), the largest temporary disk used while it runs (the spilled
@@ -85,11 +85,11 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def run_measure(paths: list[Path], out: Path, extra: list[str], threads: int) -> dict:
+def run_measure(paths: list[Path], out: Path, extra: list[str], threads: int, budget: float = 1.0) -> dict:
     """One ``pipeline.py measure`` in a child process: seconds, peak RSS, peak temporary disk, --out size."""
     tmp = Path(tempfile.mkdtemp(prefix="zoo-tmp-"))
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(ROOT / "pipeline.py"), "measure", *map(str, paths), "--memory-budget", "1",
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "measure", *map(str, paths), "--memory-budget", str(budget),
            "--no-cache", "--quiet", "--device", "cpu", "--out", str(out), *extra]
     peak_disk = 0
     start = time.perf_counter()
@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--default-up-to", type=int, default=10**9,
                         help="run the default (plots + report) only for zoos up to this many models")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=1.0, help="--memory-budget of every run, in GiB")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "zoo_scale")
     parser.add_argument("--quick", action="store_true", help="M = 4, 8, 12 at n = 256")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -141,22 +142,22 @@ def main() -> None:
         args.models, args.samples = [4, 8, 12], [256]
     layers = len(WIDTHS)
     print(f"# bench_zoo_scale: {os.cpu_count()} CPUs, {args.threads} threads, L = {layers}, widths {WIDTHS}, "
-          f"--memory-budget 1 GiB, {time.strftime('%Y-%m-%d')}")
+          f"--memory-budget {args.budget:g} GiB, {time.strftime('%Y-%m-%d')}")
     all_rows = []
     for n in args.samples:
         folder = args.work / f"n{n}"
         folder.mkdir(parents=True, exist_ok=True)
         paths = write_zoo(folder, max(args.models), n)
         startup = run_measure(paths[:1], folder / "out-startup", ["--measures", "cka", "--no-plots", "--no-report"],
-                              args.threads)["seconds"]
+                              args.threads, args.budget)["seconds"]
         rows = []
         for m in sorted(args.models):
             row = {"n": n, "M": m, "pairs": m * (m + 1) // 2, "startup": startup,
                    "stores_mib": folder_bytes(folder) / MiB * m / max(args.models)}
             row["compute"] = run_measure(paths[:m], folder / f"out-{m}-compute", ["--no-plots", "--no-report"],
-                                         args.threads)
+                                         args.threads, args.budget)
             if m <= args.default_up_to:
-                row["default"] = run_measure(paths[:m], folder / f"out-{m}-default", [], args.threads)
+                row["default"] = run_measure(paths[:m], folder / f"out-{m}-default", [], args.threads, args.budget)
             for out in folder.glob(f"out-{m}-*"):
                 shutil.rmtree(out, ignore_errors=True)
             rows.append(row)
