@@ -79,9 +79,10 @@ class SketchedCKA(Measure):
 
         ``std`` is 1/√s, the largest standard deviation (c = 0) of the estimate of an unhashed pair;
         ``bound_95`` is the Chebyshev bound holding with probability ≥ 0.95 for layers that are not hashed
-        (``chebyshev_bound``; hashing wide layers adds to it).
+        (``chebyshev_bound``; hashing wide layers adds to it), None where it exceeds 1 (no information).
         """
         s = int(options["sketch_size"])
+        bound = chebyshev_bound(s)
         return {"method": "feature hashing (CountSketch) + TensorSketch of the centred Gram", "sketch_size": s,
                 "width": int(options["width"]), "seed": int(options["seed"]), "std": s ** -0.5,
-                "bound_95": chebyshev_bound(s)}
+                "bound_95": bound if bound <= 1 else None}

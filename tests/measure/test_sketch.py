@@ -156,6 +156,7 @@ def test_streamed_from_chunked_stores_equals_in_memory_with_hashing(tmp_path, wr
     marked = result.extras["approximate"]
     assert (marked["sketch_size"], marked["width"], marked["seed"]) == (512, 32, 4)
     assert marked["std"] == pytest.approx(512**-0.5)
+    assert marked["bound_95"] is None  # the Chebyshev bound exceeds 1 at s = 512: no information, not written
 
 
 def test_cache_reuses_a_sketch_and_keys_its_size_width_and_seed(tmp_path, write_store):
