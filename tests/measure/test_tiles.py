@@ -161,12 +161,20 @@ from extract.store import ZarrStore
 torch.set_num_threads(1)
 paths, budget = json.loads(sys.argv[1]), int(sys.argv[2])
 stores = [ZarrStore(p) for p in paths]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak():  # this process's peak RSS: VmHWM (ru_maxrss keeps the pytest parent's peak across fork and exec)
+    try:
+        return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+before = peak()
 engine = Engine(stores, device="cpu", precision="float64", memory_budget=budget)
 pairs = [(i, j) for i in range(len(stores)) for j in range(i, len(stores))]
 results = engine.run([("cka", {"route": "gram"})], pairs)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"before": before, "peak": peak, "results": len(results)}))
+print(json.dumps({"before": before, "peak": peak(), "results": len(results)}))
 """
 
 
@@ -185,5 +193,6 @@ def test_peak_memory_of_a_zoo_stays_within_the_budget(tmp_path):
     assert report["results"] == 16 * 17 // 2
     grams = 16 * 4 * 8 * n * n
     growth = report["peak"] - report["before"]
-    # the budget plus 16 MiB for the Zarr reads and the cache writer's buffers, far below all Grams held
-    assert growth < budget + 16 * 2**20 < grams, (growth / 2**20, report)
+    # the budget plus 48 MiB for the Zarr reads, the cache writer's and the allocator's buffers (28 MiB
+    # measured on the 2-core CPU machine), far below the Grams that an untiled run holds
+    assert growth < budget + 48 * 2**20 < grams, (growth / 2**20, report)
