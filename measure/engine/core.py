@@ -356,13 +356,14 @@ class Engine:
     def _transient_bytes(self, spec: Any, options: dict[str, Any], stores: Sequence[int]) -> int:
         """Memory taken while one layer is prepared: its statistic, the kernel's temporaries and the
         prepared layer before it joins its block (four statistics' worth); for a sketch, also the
-        hashed features held while one layer is sketched (``sketch_working_bytes``)."""
+        hashed features held while one layer is sketched (``sketch_working_bytes``); for dCKA, also its
+        confounder Gram, held for the run."""
         if spec.statistic == "sketch":
             n = self.stores[0].n_samples
             widths = [w for s in stores for w in layer_widths(self.stores[s], self.layers[s])] or [0]
             return 4 * self._statistic_bytes(spec, options, stores) + sketch_working_bytes(n, max(widths),
                                                                                            options["width"])
-        return 4 * self._statistic_bytes(spec, options, stores)
+        return (4 + bool(spec.needs_confounder)) * self._statistic_bytes(spec, options, stores)
 
     def _statistic_bytes(self, spec: Any, options: dict[str, Any], stores: Sequence[int]) -> int:
         """The largest per-layer statistic of ``spec`` over ``stores``, in float64 bytes."""

@@ -50,13 +50,14 @@ def _dcka_prepare(gram: torch.Tensor, confounder: torch.Tensor, psd: bool = Fals
     if not trace_value > 1e-12 * raw_trace:
         empty = torch.zeros(gram.numel(), dtype=gram.dtype, device=gram.device)
         return Prepared(empty, empty, defined=False, reason="the layer is constant over samples")
-    k = centered / trace
-    k_dev = k - k.mean()
+    k_dev = centered.div_(trace)  # in place from here on: one n × n matrix instead of four
+    k_dev.sub_(k_dev.mean())
     k0_dev = confounder - confounder.mean()
     k0_ss = torch.sum(k0_dev * k0_dev)
     beta = torch.sum(k_dev * k0_dev) / k0_ss
-    residual = k_dev - beta * k0_dev
     k_ss = torch.sum(k_dev * k_dev)
+    residual = k_dev.sub_(k0_dev.mul_(beta))
+    del k0_dev
     explained, beta_value = torch.stack([1 - torch.sum(residual * residual) / k_ss, beta]).tolist()  # one sync
     extras = {"variance_explained": explained, "beta": beta_value}
     if psd:
