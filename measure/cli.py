@@ -44,6 +44,7 @@ __all__ = [
     "measure_command_parser",
     "parse_measure",
     "per_pair_files",
+    "refine_results",
     "run_measure",
     "store_pairs",
 ]
@@ -81,6 +82,29 @@ def _count(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer (0: off), got {text!r}")
+    return value
+
+
+def _refine_count(text: str) -> int:
+    """argparse type of ``--refine``: a non-negative integer (0: no refinement)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (pairs from each end of the ranking; "
+                                         f"0: none), got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type of ``--refine-margin``: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
     return value
 
 
@@ -137,6 +161,16 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("--ci-level", type=float, default=0.95, metavar="LEVEL",
                        help="bootstrap interval coverage (default 0.95)")
     stats.add_argument("--seed", type=int, default=0, help="seed of the permutations and resamples (default 0)")
+    refine = parser.add_argument_group("refinement: approximate measures (cka_sketch) recomputed exactly where it "
+                                       "matters, marked in the table and report")
+    refine.add_argument("--refine", type=_refine_count, default=0, metavar="K",
+                        help="recompute exactly (with the measure it estimates: cka) the K most and the K least "
+                             "similar layer pairs of each approximate measure (default 0: none)")
+    refine.add_argument("--refine-threshold", type=float, default=None, metavar="T",
+                        help="also recompute every pair whose approximate value lies within --refine-margin of T")
+    refine.add_argument("--refine-margin", type=_non_negative_float, default=None, metavar="M",
+                        help="half-width of the band around --refine-threshold (default 3x the stated "
+                             "standard deviation of the approximation)")
 
 
 def measure_command_parser(subparsers=None) -> argparse.ArgumentParser:
@@ -258,8 +292,8 @@ def _run_measure(args: argparse.Namespace) -> int:
     engine = Engine(stores, config=engine_config(args, progress=progress, cache=cache))
     for name, _ in measures:
         engine.check_precision(get_measure(name))
-    results = _measure(engine, measures, args, storage_options, progress)
-    manifest, out = _write_outputs(results, engine, stores, paths, args, storage_options)
+    results, refinement = _measure(engine, measures, args, storage_options, progress)
+    manifest, out = _write_outputs(results, engine, stores, paths, args, storage_options, refinement)
     if not args.quiet:
         _print_summary(results)
     if cache is not None and not args.quiet:
@@ -301,7 +335,71 @@ def _parse_measures(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]
             check_supported(get_measure(name))
         if not 0 < getattr(args, "ci_level", 0.95) < 1:
             raise MeasureError(f"--ci-level must be in (0, 1), for example 0.95; got {args.ci_level}.")
+    _check_refinement(args, measures)
     return measures
+
+
+# The exact measure each approximate one estimates: what ``--refine`` recomputes with.
+EXACT_MEASURE = {"cka_sketch": "cka"}
+
+
+def _refining(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "refine", 0)) or getattr(args, "refine_threshold", None) is not None
+
+
+def _check_refinement(args: argparse.Namespace, measures: list[tuple[str, dict[str, Any]]]) -> None:
+    """``--refine``, ``--refine-threshold`` and ``--refine-margin``: sensible together and with the measures."""
+    from .registry import get_measure
+
+    k = getattr(args, "refine", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise MeasureError(f"--refine must be a non-negative integer (pairs from each end of the ranking), got {k!r}.")
+    if getattr(args, "refine_margin", None) is not None and getattr(args, "refine_threshold", None) is None:
+        raise MeasureError("--refine-margin is the band around --refine-threshold; give --refine-threshold T too.")
+    if not _refining(args):
+        return
+    approximate = [name for name, _ in measures if get_measure(name).approximate]
+    if not approximate:
+        raise MeasureError(f"--refine and --refine-threshold recompute the values of an approximate measure "
+                           f"({', '.join(sorted(EXACT_MEASURE))}); the measures {[n for n, _ in measures]} are "
+                           "exact already.")
+    unknown = sorted(set(approximate) - set(EXACT_MEASURE))
+    if unknown:
+        raise MeasureError(f"No exact measure is known for {unknown}; --refine applies to "
+                           f"{', '.join(sorted(EXACT_MEASURE))}.")
+
+
+def refine_results(engine: Engine, results: list[PairResult], k: int, *, threshold: float | None = None,
+                   margin: float | None = None) -> tuple[list[PairResult], list[dict[str, Any]]]:
+    """``results`` with, per approximate measure (and options), the cells ``measure.refine.select_cells``
+    picks recomputed exactly by ``engine`` with the measure it estimates (``EXACT_MEASURE``); the refined
+    entries are listed in their result's ``extras["refined"]``.
+
+    Returns (results, one summary per approximate measure: ``measure``, ``options``, ``exact_measure``,
+    ``margin`` (the band used around ``threshold``; None without one) and ``pairs``, the pairs recomputed).
+    """
+    from .refine import default_margin, refine, select_cells
+
+    groups: dict[str, list[int]] = {}
+    for index, r in enumerate(results):
+        if getattr(r.spec, "approximate", False):
+            groups.setdefault(json.dumps([r.measure, r.options], sort_keys=True, default=str), []).append(index)
+    out = list(results)
+    summary = []
+    for indices in groups.values():
+        own = [results[i] for i in indices]
+        name = own[0].measure
+        if name not in EXACT_MEASURE:
+            raise MeasureError(f"No exact measure is known for {name!r}; --refine applies to "
+                               f"{', '.join(sorted(EXACT_MEASURE))}.")
+        band = None if threshold is None else (default_margin(own) if margin is None else float(margin))
+        cells = select_cells(own, k, threshold=threshold, margin=band)
+        if cells:
+            for i, r in zip(indices, refine(engine, own, cells, EXACT_MEASURE[name], {}), strict=True):
+                out[i] = r
+        summary.append({"measure": name, "options": own[0].options, "exact_measure": EXACT_MEASURE[name],
+                        "margin": band, "pairs": len(cells)})
+    return out, summary
 
 
 def _open_stores(paths: Sequence[Path | str], storage_options: dict[str, Any] | None) -> list[ZarrStore]:
@@ -366,13 +464,17 @@ class _ProgressBar:
 
 
 def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: argparse.Namespace,
-             storage_options: dict[str, Any] | None, progress: _ProgressBar) -> list[PairResult]:
-    """Every measure on every pair of stores (Grams on dask when asked), then the inference statistics."""
+             storage_options: dict[str, Any] | None,
+             progress: _ProgressBar) -> tuple[list[PairResult], list[dict[str, Any]] | None]:
+    """Every measure on every pair of stores (Grams on dask when asked), then the inference statistics, then
+    (``--refine``...) the chosen pairs of the approximate measures exactly; returns (results, the refinement's
+    summary per approximate measure, None without refinement)."""
     from .engine.dask_tasks import compute_grams, dask_client, measure_on_cluster
     from .inference import add_statistics
     from .registry import get_measure
 
     results: list[PairResult] = []
+    refinement = None
     progress.open()
     try:
         last_gram = max((k for k, (name, _) in enumerate(measures) if get_measure(name).statistic == "gram"),
@@ -392,15 +494,21 @@ def _measure(engine: Engine, measures: list[tuple[str, dict[str, Any]]], args: a
         add_statistics(engine, results, n_permutations=getattr(args, "permutations", 0),
                        n_resamples=getattr(args, "bootstrap", 0), level=getattr(args, "ci_level", 0.95),
                        seed=getattr(args, "seed", 0))
+        if _refining(args):  # the approximate measures' chosen pairs, exactly
+            results, refinement = refine_results(engine, results, args.refine, threshold=args.refine_threshold,
+                                                 margin=args.refine_margin)
     finally:
         progress.close()
-    return results
+    return results, refinement
 
 
 def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[ZarrStore],
                    paths: Sequence[Path | str], args: argparse.Namespace,
-                   storage_options: dict[str, Any] | None) -> tuple[Path | str, Path | str]:
+                   storage_options: dict[str, Any] | None,
+                   refinement: list[dict[str, Any]] | None = None) -> tuple[Path | str, Path | str]:
     """Write the results (table, CSVs, PNGs, manifest, report) to ``--out``; returns (manifest, folder).
+
+    ``refinement`` (``refine_results``' summary) goes to the manifest's ``refine``.
 
     Results for a URL are written to a local staging folder, then uploaded.
     """
@@ -412,10 +520,13 @@ def _write_outputs(results: list[PairResult], engine: Engine, stores: Sequence[Z
     staging = tempfile.TemporaryDirectory(prefix="simtorch-results-") if out_url else None
     out = Path(staging.name) if staging else Path(args.out or DEFAULT_OUT)
     store_meta = _store_meta(engine, stores, paths)
+    extra: dict[str, Any] = {"precision": engine.precision}
+    if refinement is not None:
+        extra["refine"] = {"k": args.refine, "threshold": args.refine_threshold, "measures": refinement}
     manifest = write_results(results, out, stores=store_meta, device=str(engine.device),
                              plots=per_pair_files(getattr(args, "plots", "auto"), len(stores)),
                              matrices=per_pair_files(getattr(args, "pair_csvs", "auto"), len(stores)),
-                             extra={"precision": engine.precision})
+                             extra=extra)
     if not getattr(args, "no_report", False):
         _write_report(results, out, store_meta, engine, manifest, args)
     if staging is None:
@@ -445,7 +556,8 @@ def _write_report(results: list[PairResult], out: Path, store_meta: dict[str, di
     from .report import write_report
 
     run_options = {k: getattr(args, k, None) for k in ("layers", "reduce", "mixed_reductions", "undefined",
-                                                        "permutations", "bootstrap")}
+                                                        "permutations", "bootstrap", "refine", "refine_threshold",
+                                                        "refine_margin")}
     write_report(results, out, stores=store_meta, device=str(engine.device), manifest=json.loads(
         Path(manifest).read_text()), options={k: v for k, v in run_options.items() if v not in (None, 0)})
 

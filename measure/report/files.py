@@ -30,8 +30,9 @@ from .heatmaps import Heatmaps
 if TYPE_CHECKING:
     from ..engine.results import PairResult
 
-__all__ = ["TABLE_GZIP_ROWS", "atomic_write_bytes", "check_file_names", "file_names", "matrix_csv",
-           "read_matrix_csv", "read_results_table", "results_table", "table_columns", "write_results"]
+__all__ = ["APPROXIMATE_COLUMNS", "TABLE_GZIP_ROWS", "approximate_measures", "atomic_write_bytes", "check_file_names",
+           "file_names", "matrix_csv", "read_matrix_csv", "read_results_table", "results_table", "table_columns",
+           "write_results"]
 
 TABLE_GZIP_ROWS = 100_000
 """Results tables of more rows than this are written gzip-compressed (``results.csv.gz``), smaller ones
@@ -40,6 +41,10 @@ as plain ``results.csv``."""
 TABLE_KEYS = ["measure", "store_a", "layer_a", "store_b", "layer_b", "value"]
 # The inference matrices (``PairResult.inference``) as table columns, in this order; others keep their key.
 STATISTIC_COLUMNS = {"pvalues": "pvalue", "pvalues_fwer": "pvalue_fwer", "ci_low": "ci_low", "ci_high": "ci_high"}
+# After ``mirrored``, only in the table of a run with an approximate measure (``cka_sketch``): whether the row's
+# measure is approximate, and whether its value was recomputed exactly (``--refine``; ``extras["refined"]``).
+APPROXIMATE_COLUMNS = ["approximate", "refined"]
+BOOL_COLUMNS = ("mirrored", *APPROXIMATE_COLUMNS)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -131,27 +136,40 @@ def _statistic_keys(results: Sequence[PairResult]) -> list[str]:
     return [k for k in STATISTIC_COLUMNS if k in keys] + sorted(keys - set(STATISTIC_COLUMNS))
 
 
+def _is_approximate(r: PairResult) -> bool:
+    return bool(getattr(r.spec, "approximate", False))
+
+
 def table_columns(results: Sequence[PairResult]) -> list[str]:
     """The header of the results table of ``results`` (``results_table``)."""
-    return [*TABLE_KEYS, *(STATISTIC_COLUMNS.get(k, k) for k in _statistic_keys(results)), "mirrored"]
+    flags = APPROXIMATE_COLUMNS if any(_is_approximate(r) for r in results) else []
+    return [*TABLE_KEYS, *(STATISTIC_COLUMNS.get(k, k) for k in _statistic_keys(results)), "mirrored", *flags]
 
 
-def _table_rows(r: PairResult, keys: Sequence[str]) -> list[list[Any]]:
+def _table_rows(r: PairResult, keys: Sequence[str], approximate: bool = False) -> list[list[Any]]:
     """The rows of one result (``results_table``), values as text: floats as ``repr`` (the shortest text
-    that reads back to the same float; ``nan``, ``inf``), a missing statistic as an empty field."""
+    that reads back to the same float; ``nan``, ``inf``), a missing statistic as an empty field; with
+    ``approximate``, each row ends with the ``approximate`` and ``refined`` flags."""
     grids = [r.matrix, *(r.inference.get(k) for k in keys)]
     text = [[[repr(v) for v in line] for line in np.asarray(g, dtype=np.float64).tolist()]
             if isinstance(g, np.ndarray) and g.shape == r.matrix.shape else None for g in grids]
+    refined = {(e["row"], e["col"]) for e in r.extras.get("refined", [])}
+
+    def flags(i: int, j: int) -> list[str]:
+        if not approximate:
+            return []
+        return [str(_is_approximate(r)), str((r.rows[i], r.cols[j]) in refined)]
+
     rows = []
     for i, layer_a in enumerate(r.rows):
         for j, layer_b in enumerate(r.cols):
             rows.append([r.measure, r.store_a, layer_a, r.store_b, layer_b,
-                         *(g[i][j] if g is not None else "" for g in text), "False"])
+                         *(g[i][j] if g is not None else "" for g in text), "False", *flags(i, j)])
     if r.spec.symmetric and r.store_a != r.store_b:  # the other order: the transposed entries
         for j, layer_b in enumerate(r.cols):
             for i, layer_a in enumerate(r.rows):
                 rows.append([r.measure, r.store_b, layer_b, r.store_a, layer_a,
-                             *(g[i][j] if g is not None else "" for g in text), "True"])
+                             *(g[i][j] if g is not None else "" for g in text), "True", *flags(i, j)])
     return rows
 
 
@@ -174,10 +192,14 @@ def results_table(results: Sequence[PairResult]) -> tuple[list[str], Iterator[li
     A symmetric measure is computed for one order of each pair of different stores; the table holds
     the other order too, as the transposed entries with ``mirrored`` True, so that every
     (measure, store_a, store_b) has its rows. ``mirrored`` is False for every computed entry.
+    When a result's measure is approximate (``cka_sketch``), every row ends with ``approximate`` (the
+    row's measure is) and ``refined`` (its value was recomputed exactly, ``extras["refined"]``; mirrored
+    rows too); tables of exact measures only have neither column.
     Fields are text as written to the CSV; rows are made one result at a time.
     """
     keys = _statistic_keys(results)
-    return table_columns(results), (row for r in results for row in _table_rows(r, keys))
+    approximate = any(_is_approximate(r) for r in results)
+    return table_columns(results), (row for r in results for row in _table_rows(r, keys, approximate))
 
 
 @contextlib.contextmanager
@@ -202,6 +224,7 @@ def _write_table(results: Sequence[PairResult], out: Path) -> dict[str, Any]:
     time; returns its manifest entry."""
     keys = _statistic_keys(results)
     header = table_columns(results)
+    approximate = any(_is_approximate(r) for r in results)
     n_rows = sum(_n_table_rows(r) for r in results)
     name = "results.csv.gz" if n_rows > TABLE_GZIP_ROWS else "results.csv"
     for stale in ("results.csv", "results.csv.gz"):  # a table of an earlier run in the same folder
@@ -211,7 +234,7 @@ def _write_table(results: Sequence[PairResult], out: Path) -> dict[str, Any]:
                                            if name.endswith(".gz") else contextlib.nullcontext(raw)) as f:
         f.write(_csv_lines([header]))
         for r in results:
-            f.write(_csv_lines(_table_rows(r, keys)))
+            f.write(_csv_lines(_table_rows(r, keys, approximate)))
     return {"path": name, "format": "csv.gz" if name.endswith(".gz") else "csv", "rows": n_rows,
             "columns": header}
 
@@ -219,8 +242,8 @@ def _write_table(results: Sequence[PairResult], out: Path) -> dict[str, Any]:
 def read_results_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     """(header, rows as dicts) of a table written by ``write_results`` (``.csv`` or ``.csv.gz``).
 
-    Values and statistics read back as floats (None where empty), ``mirrored`` as bool. With pandas:
-    ``pd.read_csv(path)``.
+    Values and statistics read back as floats (None where empty), ``mirrored`` (and ``approximate``,
+    ``refined`` where present) as bool. With pandas: ``pd.read_csv(path)``.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -230,9 +253,11 @@ def read_results_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]
         rows = []
         for line in reader:
             row: dict[str, Any] = dict(zip(header, line, strict=True))
-            for key in header[len(TABLE_KEYS) - 1:-1]:
+            for key in header[len(TABLE_KEYS) - 1:header.index("mirrored")]:
                 row[key] = float(row[key]) if row[key] != "" else None
-            row["mirrored"] = row["mirrored"] == "True"
+            for key in BOOL_COLUMNS:
+                if key in row:
+                    row[key] = row[key] == "True"
             rows.append(row)
     return header, rows
 
@@ -253,9 +278,27 @@ def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dic
         "simtorch": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
         "table": table, "stores": stores, "results": entries, **(extra or {}),
     }
+    approximate = approximate_measures(results)
+    if approximate:
+        manifest["approximate"] = approximate
     path = out / "manifest.json"
     atomic_write_bytes(path, json.dumps(manifest, indent=2, default=_json_default).encode())
     return path
+
+
+def approximate_measures(results: Sequence[PairResult]) -> list[dict[str, Any]]:
+    """One entry per approximate measure (and options) of ``results``: ``measure``, ``options``,
+    ``approximation`` (``spec.approximation(options)``: the method, its settings, ``std`` and ``bound_95``)
+    and ``refined``, the number of entries recomputed exactly (``extras["refined"]``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if not _is_approximate(r):
+            continue
+        key = json.dumps([r.measure, r.options], sort_keys=True, default=str)
+        entry = out.setdefault(key, {"measure": r.measure, "options": r.options,
+                                     "approximation": r.spec.approximation(r.options), "refined": 0})
+        entry["refined"] += len(r.extras.get("refined", []))
+    return list(out.values())
 
 
 def _write_result(r: PairResult, out: Path, heatmaps: Heatmaps | None, matrices: bool,
