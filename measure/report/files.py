@@ -289,15 +289,21 @@ def write_results(results: Sequence[PairResult], out: str | Path, *, stores: dic
 def approximate_measures(results: Sequence[PairResult]) -> list[dict[str, Any]]:
     """One entry per approximate measure (and options) of ``results``: ``measure``, ``options``,
     ``approximation`` (``spec.approximation(options)``: the method, its settings, ``std`` and ``bound_95``)
-    and ``refined``, the number of entries recomputed exactly (``extras["refined"]``)."""
+    and ``refined``, the number of layer pairs recomputed exactly (``extras["refined"]``; for a symmetric
+    measure an entry and its transpose are one pair)."""
     out: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, set[tuple[str, ...]]] = {}
     for r in results:
         if not _is_approximate(r):
             continue
         key = json.dumps([r.measure, r.options], sort_keys=True, default=str)
-        entry = out.setdefault(key, {"measure": r.measure, "options": r.options,
-                                     "approximation": r.spec.approximation(r.options), "refined": 0})
-        entry["refined"] += len(r.extras.get("refined", []))
+        out.setdefault(key, {"measure": r.measure, "options": r.options,
+                             "approximation": r.spec.approximation(r.options), "refined": 0})
+        for e in r.extras.get("refined", []):
+            cell = (r.store_a, e["row"], r.store_b, e["col"])
+            pairs.setdefault(key, set()).add(min(cell, cell[2:] + cell[:2]) if r.spec.symmetric else cell)
+    for key, entry in out.items():
+        entry["refined"] = len(pairs.get(key, ()))
     return list(out.values())
 
 

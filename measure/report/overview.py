@@ -177,6 +177,16 @@ def _sig4(values: np.ndarray) -> list[Any]:
     return out
 
 
+def _refined(r: Any) -> list[list[int]]:
+    """[positions in the row-by-row matrix of the entries of ``r`` recomputed exactly], or [] when none were."""
+    refined = r.extras.get("refined") if isinstance(r.extras, dict) else None
+    if not refined:
+        return []
+    rows, cols = {n: i for i, n in enumerate(r.rows)}, {n: j for j, n in enumerate(r.cols)}
+    return [sorted(rows[e["row"]] * len(r.cols) + cols[e["col"]] for e in refined
+                   if e["row"] in rows and e["col"] in cols)]
+
+
 def page_data(overviews: Sequence[MeasureOverview]) -> str:
     """The JSON the page's script reads, safe inside a ``<script>`` element.
 
@@ -184,7 +194,8 @@ def page_data(overviews: Sequence[MeasureOverview]) -> str:
     ``measures``, each with ``name``, ``kind``, ``symmetric``, ``range``, ``order``, ``views``
     (``name`` and the n × n ``values`` row by row, null where missing) and ``pairs``:
     [a, b, rows, cols, values] per result (store positions, indices into ``layers``, the matrix
-    row by row).
+    row by row), and a sixth item for a result with entries recomputed exactly (``extras["refined"]``):
+    their positions in ``values``.
     """
     layer_lists: dict[tuple[str, ...], int] = {}
 
@@ -203,8 +214,8 @@ def page_data(overviews: Sequence[MeasureOverview]) -> str:
         flat = [np.ravel(r.matrix) for r in o.results]
         values = _sig4(np.concatenate(flat)) if flat else []
         ends = np.cumsum([len(f) for f in flat]).tolist()
-        pairs = [[position[r.store_a], position[r.store_b], layers(r.rows), layers(r.cols), values[end - len(f):end]]
-                 for r, f, end in zip(o.results, flat, ends, strict=True)]
+        pairs = [[position[r.store_a], position[r.store_b], layers(r.rows), layers(r.cols), values[end - len(f):end],
+                  *_refined(r)] for r, f, end in zip(o.results, flat, ends, strict=True)]
         measures.append({"name": o.measure, "kind": o.kind, "symmetric": o.symmetric, "range": list(o.value_range),
                          "order": o.order, "views": views, "pairs": pairs})
     stores = overviews[0].names if overviews else []

@@ -135,10 +135,26 @@ def render_report(results: Sequence[PairResult], *, stores: Mapping[str, Mapping
         "measures": [_measure_row(results[idx[0]]) for idx in measures.values()],
         "options": dict(options or {}), "stores": _store_rows(stores), "zoo": zoo, "details": details,
         "layer_views": any(len(z["views"]) > 1 for z in zoo), "detail_max": DETAIL_MAX_STORES,
+        "approximate": _approximate_rows(results),
         "data": Markup(page_data([z["overview"] for z in zoo])) if zoo else "",
         "script": _asset("report.js") if zoo else "",
     }
     return _environment().get_template("report.html.j2").render(context)
+
+
+def _approximate_rows(results: Sequence[PairResult]) -> list[dict[str, Any]]:
+    """The banner's lines: per approximate measure (and options), its method, stated standard deviation and
+    95 % bound, and how many entries were recomputed exactly (``--refine``)."""
+    from .files import approximate_measures
+
+    rows = []
+    for entry in approximate_measures(results):
+        a = entry["approximation"]
+        rows.append({"name": entry["measure"], "method": a.get("method", ""), "std": a.get("std"),
+                     "bound": a.get("bound_95"), "refined": entry["refined"],
+                     "settings": ", ".join(f"{k}={v}" for k, v in a.items()
+                                           if k not in ("method", "std", "bound_95"))})
+    return rows
 
 
 def _measure_row(r: PairResult) -> dict[str, Any]:

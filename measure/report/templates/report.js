@@ -55,7 +55,8 @@
   }
 
   // One pair's layer × layer matrix as SVG: layer names on both axes, values printed when they fit.
-  function matrixSvg(rows, cols, at, range) {
+  // refined(i, j): whether that entry was recomputed exactly (outlined).
+  function matrixSvg(rows, cols, at, range, refined) {
     var longest = function (names) { return names.reduce(function (k, s) { return Math.max(k, s.length); }, 1); };
     var cell = Math.max(14, Math.min(44, Math.floor(520 / Math.max(rows.length, cols.length))));
     var font = Math.min(11, 0.9 * cell);
@@ -79,8 +80,8 @@
     rows.forEach(function (r, i) {
       cols.forEach(function (c, j) {
         var v = at(i, j), fill = colour(v, range), x = x0 + j * cell, y = y0 + i * cell;
-        out.push("<rect x=\"" + x + "\" y=\"" + y + "\" width=\"" + (cell - 1) + "\" height=\"" + (cell - 1) +
-          "\" fill=\"" + fill + "\"/>");
+        out.push("<rect" + (refined(i, j) ? " class=\"refined\"" : "") + " x=\"" + x + "\" y=\"" + y +
+          "\" width=\"" + (cell - 1) + "\" height=\"" + (cell - 1) + "\" fill=\"" + fill + "\"/>");
         if (cell >= 28) {
           text.push("<text x=\"" + (x + cell / 2) + "\" y=\"" + (y + cell / 2) + "\" fill=\"" + ink(fill) + "\">" +
             (typeof v === "number" ? v.toFixed(digits) : "NaN") + "</text>");
@@ -150,14 +151,18 @@
       var p = hit[0], t = hit[1], width = data.layers[p[3]].length;
       var rows = data.layers[t ? p[3] : p[2]], cols = data.layers[t ? p[2] : p[3]];
       var at = t ? function (i, j) { return p[4][j * width + i]; } : function (i, j) { return p[4][i * width + j]; };
+      var exact = {};
+      (p[5] || []).forEach(function (k) { exact[k] = true; });
+      var refined = function (i, j) { return !!exact[t ? j * width + i : i * width + j]; };
       panel.innerHTML = "<h4><span>" + head + "</span><button type=\"button\">close</button></h4>" +
-        "<div class=\"body\">" + matrixSvg(rows, cols, at, m.range) + bestTable(rows, cols, at, m, a, b) + "</div>";
+        "<div class=\"body\">" + matrixSvg(rows, cols, at, m.range, refined) + bestTable(rows, cols, at, m, a, b) + "</div>";
       panel.querySelector("button").addEventListener("click", function () {
         panel.hidden = true; mark.setAttribute("visibility", "hidden");
       });
       hover(panel.querySelector("svg"), function (i, j) {
         return "<b>" + esc(rows[i]) + "</b> of " + esc(data.stores[a]) + " vs <b>" + esc(cols[j]) + "</b> of " +
-          esc(data.stores[b]) + "<br>" + esc(m.name) + ": " + fmt(at(i, j));
+          esc(data.stores[b]) + "<br>" + esc(m.name) + ": " + fmt(at(i, j)) +
+          (refined(i, j) ? " (refined: recomputed exactly)" : "");
       });
       panel.scrollIntoView({block: "nearest"});
     }
