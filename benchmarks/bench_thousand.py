@@ -38,20 +38,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from bench_zoo_scale import folder_bytes  # noqa: E402
 
 LAYERS = ["block1", "block2", "block3", "block4"]
 MiB = 2**20
-
-
-def folder_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
 
 
 def store_name(seed: int) -> str:

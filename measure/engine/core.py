@@ -131,7 +131,6 @@ class Engine:
         self._progress = config.progress or (lambda message: None)
         self._planned: dict[str, Any] = {}  # measures of this engine's runs, by name (``plan``)
         self._spill: tempfile.TemporaryDirectory | None = None  # a temporary statistics cache (``ensure_cache``)
-        self._probe_type: type | None = None
         self._reported: set[Row] = set()
         self._row_extras: dict[Row, dict[str, Any]] = {}
         self._zoo = False  # whether the current run compares more than two stores (``run``)
@@ -381,11 +380,9 @@ class Engine:
         """Bytes of one prepared layer (the first row's, measured; at least its statistic's for the
         measures whose prepared size varies from layer to layer)."""
         item = self._prepare_row(spec, options, row, report=False)
-        size = prepared_bytes(item)
-        del item
-        if isinstance(self._probe_type, type) and issubclass(self._probe_type, Prepared):
-            return size  # every layer's vectors have one length
-        return max(size, self._statistic_bytes(spec, options, [row.s]))
+        if isinstance(item, Prepared):
+            return prepared_bytes(item)  # every layer's vectors have one length
+        return max(prepared_bytes(item), self._statistic_bytes(spec, options, [row.s]))
 
     def _fits(self, spec: Any, options: dict[str, Any], rows: Sequence[Row], row_bytes: int) -> bool:
         """Whether ``rows`` of ``row_bytes`` each, plus the transient memory, fit the memory budget."""
@@ -419,7 +416,6 @@ class Engine:
             key = self.sketch_key(row.s, layer, options)
         if key is not None and report:  # (the probe of ``_prepared_bytes`` keeps it for the untiled run)
             self.layer_statistics.release_key(key)
-        self._probe_type = type(item)
         if report and not getattr(item, "defined", True) and row not in self._reported:
             self._reported.add(row)
             self._undefined(spec, row.s, layer, item.reason, stacklevel=4)
