@@ -140,11 +140,11 @@ def _make_aside(folder: Path, name: str) -> Path:
     """Create and return the empty directory ``folder/name`` (``folder`` is ``.tmp``, which other runs remove
     when they find it empty: recreated and retried until ours holds it open)."""
     for _ in range(100):
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            folder.mkdir(parents=True, exist_ok=True)  # (FileExistsError: made, then removed, while it looked)
             (folder / name).mkdir()
             return folder / name
-        except FileNotFoundError:  # ``folder`` removed by another run between the two calls
+        except (FileNotFoundError, FileExistsError):  # ``folder`` removed by another run meanwhile
             continue
     raise OSError(errno.ENOENT, f"could not create {folder / name}")
 
